@@ -1,0 +1,3 @@
+"""ETESVS: temporal action segmentation and localization as a reproducible DVC pipeline."""
+
+__version__ = "0.1.0"

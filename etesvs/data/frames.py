@@ -1,0 +1,429 @@
+"""Frame containers: every video decoded once by ffmpeg into one HDF5 file of JPEG frames.
+
+One file per video, not one per frame, because DVC hashes every file it tracks and a dataset such as
+Breakfast has millions of frames. A container ``<frames_dir>/<video>.h5`` holds
+
+- ``jpeg``: vlen uint8 (N,), the JPEG bytes of frame i (ffmpeg's MJPEG encoder, so no re-encoding in Python);
+- attributes ``fps``, ``height``, ``width``, ``num_frames``, ``short_side``, ``source``, ``source_size``,
+  ``decoded_frames`` (before reconciliation with the labels) and ``complete``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import threading
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import h5py
+import numpy as np
+import torch
+
+from etesvs.errors import EtesvsError
+from etesvs.io import atomic_path
+
+CONTAINER_SUFFIX = ".h5"
+
+
+def ffmpeg_exe() -> str:
+    """The ffmpeg binary shipped in the imageio-ffmpeg wheel (no system ffmpeg needed)."""
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def frames_path(frames_dir: str | Path, video: str) -> Path:
+    """Path of the container of ``video`` in ``frames_dir``."""
+    return Path(frames_dir) / f"{video}{CONTAINER_SUFFIX}"
+
+
+def scale_filter_args(short_side: int) -> tuple[str, str]:
+    """ffmpeg ``scale`` width and height expressions that resize the short side to ``short_side``.
+
+    The other side keeps the aspect ratio, rounded to an even number (H.264 and MJPEG 4:2:0 need it).
+    """
+    width = f"if(lt(iw,ih),{short_side},-2)"
+    height = f"if(lt(iw,ih),-2,{short_side})"
+    return width, height
+
+
+def split_jpeg_stream(data: bytes | bytearray | memoryview) -> tuple[list[bytes], int]:
+    """Split a concatenation of baseline JPEG images into images by walking their marker segments.
+
+    Returns the complete images and the number of bytes consumed (a trailing partial image is left for
+    the caller to complete with more data). Inside a header segment a 0xFFD9 pair may occur by chance, so
+    the scan follows segment lengths up to the start-of-scan and only then looks for the end-of-image
+    marker in the entropy-coded data, where every 0xFF byte is stuffed (0xFF00) or a restart marker.
+    """
+    buffer = bytes(data)
+    images = []
+    position = 0
+    size = len(buffer)
+    while position + 4 <= size:
+        if buffer[position] != 0xFF or buffer[position + 1] != 0xD8:
+            raise ValueError(f"JPEG stream out of sync at byte {position}")
+        cursor = position + 2
+        end = -1
+        while cursor + 4 <= size:
+            if buffer[cursor] != 0xFF:
+                raise ValueError(f"JPEG marker expected at byte {cursor}")
+            marker = buffer[cursor + 1]
+            if marker == 0xFF:  # fill byte
+                cursor += 1
+                continue
+            length = (buffer[cursor + 2] << 8) | buffer[cursor + 3]
+            cursor += 2 + length
+            if marker == 0xDA:  # start of scan: entropy-coded data follows
+                scan = cursor
+                while True:
+                    found = buffer.find(b"\xff", scan)
+                    if found < 0 or found + 1 >= size:
+                        break
+                    following = buffer[found + 1]
+                    if following == 0x00 or 0xD0 <= following <= 0xD7:
+                        scan = found + 2
+                        continue
+                    if following == 0xD9:
+                        end = found + 2
+                    else:  # another marker (e.g. a second scan of a progressive image)
+                        cursor = found
+                    break
+                if end >= 0 or found < 0 or found + 1 >= size:
+                    break
+        if end < 0:
+            break
+        images.append(buffer[position:end])
+        position = end
+    return images, position
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How to decode videos: target fps, short side in pixels, JPEG quality (ffmpeg -q:v, 2 best .. 31)."""
+
+    fps: float
+    short_side: int
+    jpeg_quality: int = 3
+    tolerance: int = 5
+    ffmpeg_threads: int = 1
+
+
+@dataclass
+class ExtractResult:
+    """Outcome of one video: ``status`` is ``done``, ``skipped`` (already there) or ``failed``."""
+
+    video: str
+    status: str
+    message: str = ""
+    decoded_frames: int = 0
+    label_frames: int = 0
+    warnings: list[str] = field(default_factory=list)
+
+
+def _ffmpeg_reason(stderr: str) -> str:
+    """ffmpeg's own words for a failure, on one line: its specific messages, without the generic ones."""
+    reasons: list[str] = []
+    for line in stderr.splitlines():
+        line = re.sub(r"^\[[^\]]*@ 0x[0-9a-f]+\]\s*", "", line.strip())
+        if not line or line.startswith(("Conversion failed", "Exiting normally", "Error opening input file")):
+            continue
+        line = re.sub(r"^Error opening input(?: files)?:\s*", "", line)
+        if line not in reasons:
+            reasons.append(line)
+    return "; ".join(reasons[:3]) if reasons else "ffmpeg failed without a message"
+
+
+def decode_video_to_jpeg(video_file: Path, config: ExtractConfig) -> list[bytes]:
+    """Decode ``video_file`` at ``config.fps``, short side ``config.short_side``, into JPEG bytes per frame.
+
+    ffmpeg runs as a subprocess with an argument list (built by ffmpeg-python), never through a shell.
+    Raises :class:`EtesvsError` naming the file and ffmpeg's reason when the video can't be decoded.
+    """
+    import ffmpeg
+
+    if not video_file.is_file():
+        raise EtesvsError(f"{video_file}: video file not found")
+    if video_file.stat().st_size == 0:
+        raise EtesvsError(f"{video_file}: empty video file")
+    width, height = scale_filter_args(config.short_side)
+    stream = (
+        ffmpeg.input(str(video_file), threads=config.ffmpeg_threads)
+        .filter("fps", fps=config.fps)
+        .filter("scale", width, height)
+        .output(
+            "pipe:",
+            format="image2pipe",
+            vcodec="mjpeg",
+            pix_fmt="yuvj420p",
+            **{"q:v": config.jpeg_quality, "threads": config.ffmpeg_threads},
+        )
+        .global_args("-nostdin", "-hide_banner", "-loglevel", "error")
+    )
+    process = stream.run_async(cmd=ffmpeg_exe(), pipe_stdout=True, pipe_stderr=True)
+    errors: list[bytes] = []
+    drain = threading.Thread(target=lambda: errors.append(process.stderr.read()), daemon=True)
+    drain.start()
+    images: list[bytes] = []
+    pending = b""
+    try:
+        while True:
+            chunk = process.stdout.read(1 << 20)
+            if not chunk:
+                break
+            pending += chunk
+            complete, used = split_jpeg_stream(pending)
+            images.extend(complete)
+            pending = pending[used:]
+    except ValueError as error:
+        process.kill()
+        raise EtesvsError(f"{video_file}: unreadable frame stream from ffmpeg ({error})") from None
+    finally:
+        process.stdout.close()
+        code = process.wait()
+        drain.join()
+    stderr = b"".join(errors).decode("utf-8", errors="replace")
+    if code != 0:
+        raise EtesvsError(f"{video_file}: ffmpeg could not decode it: {_ffmpeg_reason(stderr)}")
+    if pending:
+        raise EtesvsError(f"{video_file}: ffmpeg output ended inside a frame")
+    if not images:
+        reason = _ffmpeg_reason(stderr) if stderr.strip() else "no video frames"
+        raise EtesvsError(f"{video_file}: no frames decoded ({reason})")
+    return images
+
+
+def reconcile(images: list[bytes], label_frames: int, *, tolerance: int, video: str) -> tuple[list[bytes], str]:
+    """Trim or pad (repeating the last frame) ``images`` to ``label_frames``; fail beyond ``tolerance``.
+
+    Returns the frames and a warning ("" when the counts already agree). The public releases of GTEA,
+    50Salads and Breakfast differ from their videos by a few frames.
+    """
+    difference = len(images) - label_frames
+    if difference == 0:
+        return images, ""
+    if abs(difference) > tolerance:
+        raise EtesvsError(
+            f"video '{video}': {len(images)} decoded frames but {label_frames} labels "
+            f"(difference {difference:+d} is beyond the tolerance of {tolerance})"
+        )
+    if difference > 0:
+        return images[:label_frames], f"{video}: trimmed {difference} frames ({len(images)} -> {label_frames})"
+    padded = images + [images[-1]] * (-difference)
+    return padded, f"{video}: padded {-difference} frames ({len(images)} -> {label_frames})"
+
+
+def write_frame_container(
+    path: str | Path,
+    frames: np.ndarray | Sequence[bytes],
+    fps: float,
+    *,
+    attrs: dict | None = None,
+    jpeg_quality: int = 90,
+) -> None:
+    """Write a container atomically from JPEG bytes per frame, or from uint8 frames (T, H, W, 3)."""
+    if isinstance(frames, np.ndarray):
+        from torchvision.io import encode_jpeg
+
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"expected uint8 frames (T, H, W, 3), got {frames.dtype} {frames.shape}")
+        tensors = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T,H,W,3) -> (T,3,H,W)
+        encoded = [bytes(t.numpy().tobytes()) for t in encode_jpeg(list(tensors), quality=jpeg_quality)]
+        height, width = frames.shape[1:3]
+    else:
+        encoded = [bytes(b) for b in frames]
+        from torchvision.io import decode_jpeg
+
+        first = decode_jpeg(torch.frombuffer(bytearray(encoded[0]), dtype=torch.uint8))
+        height, width = int(first.shape[1]), int(first.shape[2])
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as handle:
+            dataset = handle.create_dataset("jpeg", (len(encoded),), dtype=h5py.vlen_dtype(np.uint8))
+            for index, image in enumerate(encoded):
+                dataset[index] = np.frombuffer(image, dtype=np.uint8)
+            handle.attrs.update(
+                {"fps": float(fps), "height": int(height), "width": int(width), "num_frames": len(encoded)}
+            )
+            handle.attrs.update(attrs or {})
+            handle.attrs["complete"] = True
+
+
+class FrameReader:
+    """Random access to the frames of one container.
+
+    The HDF5 file is opened on first use, so a reader can be built before DataLoader workers fork.
+    """
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._handle: h5py.File | None = None
+        self._attrs: dict | None = None
+
+    def _file(self) -> h5py.File:
+        if self._handle is None:
+            if not self.path.is_file():
+                raise EtesvsError(f"{self.path}: frame container not found")
+            try:
+                self._handle = h5py.File(self.path, "r")
+            except OSError as error:
+                raise EtesvsError(f"{self.path}: not a readable frame container ({error})") from None
+            if "jpeg" not in self._handle or not self._handle.attrs.get("complete", False):
+                raise EtesvsError(f"{self.path}: incomplete frame container")
+            self._attrs = dict(self._handle.attrs)
+        return self._handle
+
+    @property
+    def num_frames(self) -> int:
+        return int(self._file().attrs["num_frames"])
+
+    @property
+    def fps(self) -> float:
+        return float(self._file().attrs["fps"])
+
+    @property
+    def height(self) -> int:
+        return int(self._file().attrs["height"])
+
+    @property
+    def width(self) -> int:
+        return int(self._file().attrs["width"])
+
+    def read_jpeg(self, start: int, stop: int) -> list[torch.Tensor]:
+        """JPEG bytes of frames ``start..stop-1`` as 1-D uint8 tensors."""
+        handle = self._file()
+        if not 0 <= start <= stop <= self.num_frames:
+            raise IndexError(f"{self.path}: frames {start}..{stop} outside 0..{self.num_frames}")
+        return [torch.from_numpy(np.asarray(image)) for image in handle["jpeg"][start:stop]]
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        """Frames ``start..stop-1`` decoded with ``torchvision.io.decode_jpeg``: uint8 (T, 3, H, W)."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        encoded = self.read_jpeg(start, stop)
+        if not encoded:
+            return torch.empty((0, 3, self.height, self.width), dtype=torch.uint8)
+        return torch.stack(decode_jpeg(encoded, mode=ImageReadMode.RGB))
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+    def __enter__(self) -> "FrameReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __getstate__(self) -> dict:  # picklable for DataLoader workers: reopen in the worker
+        return {"path": self.path, "_handle": None, "_attrs": None}
+
+
+def container_is_current(path: Path, *, config: ExtractConfig, source: Path, label_frames: int) -> bool:
+    """True when ``path`` is a complete container made from ``source`` with the same settings."""
+    if not path.is_file():
+        return False
+    try:
+        with h5py.File(path, "r") as handle:
+            attrs = handle.attrs
+            return bool(
+                attrs.get("complete", False)
+                and abs(float(attrs["fps"]) - config.fps) < 1e-6
+                and int(attrs["short_side"]) == config.short_side
+                and int(attrs["jpeg_quality"]) == config.jpeg_quality
+                and str(attrs["source"]) == str(source)
+                and int(attrs["source_size"]) == source.stat().st_size
+                and int(attrs["num_frames"]) == label_frames
+            )
+    except (OSError, KeyError):
+        return False
+
+
+def extract_video(video: str, video_file: Path, out_file: Path, label_frames: int, config: ExtractConfig) -> ExtractResult:
+    """Decode one video into its container (atomically); never raises, the result says what happened."""
+    try:
+        if container_is_current(out_file, config=config, source=video_file, label_frames=label_frames):
+            return ExtractResult(video, "skipped", label_frames=label_frames, decoded_frames=label_frames)
+        images = decode_video_to_jpeg(video_file, config)
+        frames, warning = reconcile(images, label_frames, tolerance=config.tolerance, video=video)
+        attrs = {
+            "short_side": config.short_side,
+            "jpeg_quality": config.jpeg_quality,
+            "source": str(video_file),
+            "source_size": video_file.stat().st_size,
+            "decoded_frames": len(images),
+        }
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        write_frame_container(out_file, frames, config.fps, attrs=attrs)
+        return ExtractResult(
+            video, "done", decoded_frames=len(images), label_frames=label_frames, warnings=[warning] if warning else []
+        )
+    except EtesvsError as error:
+        return ExtractResult(video, "failed", message=str(error), label_frames=label_frames)
+
+
+def extract_frames(
+    jobs: Sequence[tuple[str, Path, int]],
+    frames_dir: str | Path,
+    config: ExtractConfig,
+    *,
+    workers: int = 2,
+    skip_bad_videos: bool = False,
+    progress: bool = True,
+) -> list[ExtractResult]:
+    """Decode every ``(video, video_file, label_frames)`` job into ``frames_dir`` with a process pool.
+
+    Finished containers of an interrupted run are kept and not decoded again. A bad video stops the run
+    with one line naming the file and ffmpeg's reason, unless ``skip_bad_videos`` is set, in which case it
+    is reported in the results. Containers of videos that are no longer listed are removed.
+    """
+    from tqdm import tqdm
+
+    frames_dir = Path(frames_dir)
+    frames_dir.mkdir(parents=True, exist_ok=True)
+    wanted = {frames_path(frames_dir, video).resolve() for video, _, _ in jobs}
+    for stale in frames_dir.rglob(f"*{CONTAINER_SUFFIX}"):
+        if stale.resolve() not in wanted:
+            stale.unlink()
+    for leftover in frames_dir.rglob(".*.tmp"):
+        leftover.unlink()
+    results: list[ExtractResult] = []
+    bar = tqdm(total=len(jobs), desc="extract_frames", unit="video", disable=not progress)
+    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+        futures = [
+            pool.submit(extract_video, video, video_file, frames_path(frames_dir, video), label_frames, config)
+            for video, video_file, label_frames in jobs
+        ]
+        try:
+            for future in as_completed(futures):
+                result = future.result()
+                results.append(result)
+                bar.update(1)
+                if result.status == "failed" and not skip_bad_videos:
+                    raise EtesvsError(result.message)
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+        finally:
+            bar.close()
+    order = {video: i for i, (video, _, _) in enumerate(jobs)}
+    return sorted(results, key=lambda r: order[r.video])
+
+
+def video_jobs(layout, label_counts: dict[str, int]) -> list[tuple[str, Path, int]]:
+    """``(video, video_file, label_frames)`` for every labelled video; a missing video file is an error."""
+    jobs = []
+    for video, count in label_counts.items():
+        try:
+            jobs.append((video, layout.video_file(video), count))
+        except EtesvsError:
+            jobs.append((video, layout.videos_dir / layout.video_stem(video), count))
+    return jobs
+
+
+def cpu_count() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -1,0 +1,296 @@
+"""Label conversion: groundTruth text to class-id and boundary arrays, and ActivityNet-style JSON.
+
+The convert_labels stage writes a directory ``data/labels/``:
+
+- ``labels.h5``: one group per video with ``classes`` int64 (T,) and ``boundaries`` uint8 (T,),
+  1 where a segment starts (frame 0 included);
+- ``info.json``: dataset name, fps, class names by id, background names and ids, the split number,
+  the train and test video ids and every video's frame count;
+- ``localization_{train,test}.json``: ActivityNet-style annotations, background excluded.
+"""
+
+from __future__ import annotations
+
+import glob
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import h5py
+import numpy as np
+
+from etesvs.data.layout import DatasetLayout, read_ground_truth, read_mapping, read_split
+from etesvs.errors import EtesvsError
+from etesvs.io import atomic_path, read_json, write_json
+
+
+@dataclass(frozen=True)
+class LabelInfo:
+    """What ``info.json`` of a labels directory says."""
+
+    dataset: str
+    fps: float
+    classes: tuple[str, ...]
+    background: tuple[str, ...]
+    background_ids: tuple[int, ...]
+    split: int
+    train: tuple[str, ...]
+    test: tuple[str, ...]
+    num_frames: dict[str, int]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def names_to_ids(names: Sequence[str], classes: Sequence[str], *, source: str | Path) -> np.ndarray:
+    """Turn class names into an int64 array (T,); an unknown name is an error naming ``source`` and the line."""
+    index = {name: i for i, name in enumerate(classes)}
+    ids = np.empty(len(names), dtype=np.int64)
+    for line, name in enumerate(names):
+        try:
+            ids[line] = index[name]
+        except KeyError:
+            raise EtesvsError(f"{source}:{line + 1}: class {name!r} is not in mapping.txt") from None
+    return ids
+
+
+def boundaries_from_ids(ids: np.ndarray) -> np.ndarray:
+    """uint8 (T,) array with 1 where a segment starts: frame 0 and every frame whose class changes."""
+    ids = np.asarray(ids)
+    starts = np.ones(len(ids), dtype=np.uint8)
+    if len(ids) > 1:
+        starts[1:] = (ids[1:] != ids[:-1]).astype(np.uint8)
+    return starts
+
+
+def segments_from_ids(ids: np.ndarray) -> list[tuple[int, int, int]]:
+    """Contiguous runs of ``ids`` as ``(class_id, start_frame, end_frame)``, end exclusive."""
+    ids = np.asarray(ids)
+    if len(ids) == 0:
+        return []
+    starts = np.flatnonzero(boundaries_from_ids(ids))
+    ends = np.append(starts[1:], len(ids))
+    return [(int(ids[s]), int(s), int(e)) for s, e in zip(starts, ends)]
+
+
+def localization_database(
+    labels: dict[str, np.ndarray],
+    subsets: dict[str, str],
+    *,
+    classes: Sequence[str],
+    background_ids: Iterable[int],
+    fps: float,
+) -> dict:
+    """ActivityNet-style ``{"database": {video: {"fps", "frames", "subset", "annotations": [...]}}}``.
+
+    Each annotation has ``label``, ``segment`` [start_s, end_s] (end = end_frame / fps, so a segment
+    covering frames 0..14 at 15 fps is [0.0, 1.0]), and ``start_frame``/``end_frame`` (end exclusive).
+    """
+    background = set(background_ids)
+    database = {}
+    for video, ids in labels.items():
+        annotations = [
+            {
+                "label": classes[label],
+                "segment": [round(start / fps, 6), round(end / fps, 6)],
+                "start_frame": start,
+                "end_frame": end,
+            }
+            for label, start, end in segments_from_ids(ids)
+            if label not in background
+        ]
+        database[video] = {"fps": fps, "frames": int(len(ids)), "subset": subsets[video], "annotations": annotations}
+    return {"database": database}
+
+
+def convert_labels(
+    layout: DatasetLayout,
+    out_dir: str | Path,
+    *,
+    dataset: str,
+    split: int,
+    fps: float,
+    background: Sequence[str],
+) -> LabelInfo:
+    """Convert the groundTruth of every video named by any split into ``out_dir`` (written atomically)."""
+    classes = read_mapping(layout.mapping_file)
+    for name in background:
+        if name not in classes:
+            raise EtesvsError(f"{layout.mapping_file}: background class {name!r} is not in the mapping")
+    train_file, test_file = layout.split_file("train", split), layout.split_file("test", split)
+    for path in (train_file, test_file):
+        if not path.is_file():
+            raise EtesvsError(f"{path}: split file not found")
+    train, test = read_split(train_file), read_split(test_file)
+    overlap = sorted(set(train) & set(test))
+    if overlap:
+        raise EtesvsError(f"{test_file}: videos also in the train split: {', '.join(overlap[:5])}")
+    videos = list(dict.fromkeys(train + test))
+    for bundle in sorted(glob.glob(str(layout.root / "splits" / "*.bundle"))):
+        for video in read_split(bundle):
+            if video not in videos:
+                videos.append(video)
+    labels: dict[str, np.ndarray] = {}
+    for video in videos:
+        path = layout.ground_truth_file(video)
+        if not path.is_file():
+            bundle = test_file if video in test else train_file
+            raise EtesvsError(f"{bundle}: names video '{video}' but {path} does not exist")
+        labels[video] = names_to_ids(read_ground_truth(path), classes, source=path)
+    background_ids = [classes.index(name) for name in background]
+    out_dir = Path(out_dir)
+    with atomic_path(out_dir, directory=True) as tmp:
+        with h5py.File(tmp / "labels.h5", "w") as handle:
+            for video, ids in labels.items():
+                group = handle.create_group(video)
+                group.create_dataset("classes", data=ids)
+                group.create_dataset("boundaries", data=boundaries_from_ids(ids))
+        info = {
+            "dataset": dataset,
+            "fps": fps,
+            "classes": classes,
+            "background": list(background),
+            "background_ids": background_ids,
+            "split": split,
+            "train": train,
+            "test": test,
+            "num_frames": {video: int(len(ids)) for video, ids in labels.items()},
+        }
+        write_json(tmp / "info.json", info)
+        for subset, members in (("train", train), ("test", test)):
+            database = localization_database(
+                {video: labels[video] for video in members},
+                {video: subset for video in members},
+                classes=classes,
+                background_ids=background_ids,
+                fps=fps,
+            )
+            write_json(tmp / f"localization_{subset}.json", database)
+    return load_label_info(out_dir)
+
+
+def load_label_info(labels_dir: str | Path) -> LabelInfo:
+    """Read ``info.json`` of a labels directory."""
+    info = read_json(Path(labels_dir) / "info.json")
+    return LabelInfo(
+        dataset=info["dataset"],
+        fps=float(info["fps"]),
+        classes=tuple(info["classes"]),
+        background=tuple(info["background"]),
+        background_ids=tuple(info["background_ids"]),
+        split=int(info["split"]),
+        train=tuple(info["train"]),
+        test=tuple(info["test"]),
+        num_frames={k: int(v) for k, v in info["num_frames"].items()},
+    )
+
+
+def _read_array(labels_dir: str | Path, video: str, key: str) -> np.ndarray:
+    path = Path(labels_dir) / "labels.h5"
+    if not path.is_file():
+        raise EtesvsError(f"{path}: file not found")
+    with h5py.File(path, "r") as handle:
+        if video not in handle:
+            raise EtesvsError(f"{path}: no labels for video '{video}'")
+        return handle[video][key][()]
+
+
+def load_labels(labels_dir: str | Path, video: str) -> np.ndarray:
+    """Class ids of ``video``: int64 (T,)."""
+    return _read_array(labels_dir, video, "classes").astype(np.int64)
+
+
+def load_boundaries(labels_dir: str | Path, video: str) -> np.ndarray:
+    """Segment starts of ``video``: uint8 (T,)."""
+    return _read_array(labels_dir, video, "boundaries").astype(np.uint8)
+
+
+def activitynet_to_ground_truth(
+    annotation_file: str | Path,
+    out_root: str | Path,
+    *,
+    fps: float,
+    background: str = "background",
+    subsets: dict[str, str] | None = None,
+) -> list[str]:
+    """Convert ActivityNet/THUMOS-style JSON (segments in seconds) into the MS-TCN layout.
+
+    Writes ``groundTruth/<video>.txt`` (unlabelled frames are ``background``; where segments overlap the
+    later-starting one wins), ``mapping.txt`` (background first, then labels sorted) and
+    ``splits/{train,test}.split1.bundle`` from each video's ``subset`` (``subsets`` maps JSON subset
+    names to ``train``/``test``; default: validation and training to train, test to test).
+    Each video needs ``duration`` (seconds) or ``frames``.
+    """
+    annotation_file = Path(annotation_file)
+    database = read_json(annotation_file)
+    if not isinstance(database, dict) or not isinstance(database.get("database"), dict):
+        raise EtesvsError(f"{annotation_file}: expected an object with a 'database' object")
+    database = database["database"]
+    subsets = subsets or {"training": "train", "validation": "train", "train": "train", "test": "test"}
+    names: set[str] = set()
+    for video, entry in database.items():
+        for annotation in entry.get("annotations", []):
+            names.add(str(annotation.get("label")))
+    classes = [background] + sorted(names - {background})
+    out_root = Path(out_root)
+    split_members: dict[str, list[str]] = {"train": [], "test": []}
+    ground_truth: dict[str, list[str]] = {}
+    for video, entry in database.items():
+        if "frames" in entry:
+            num_frames = int(entry["frames"])
+        elif "duration" in entry:
+            num_frames = int(round(float(entry["duration"]) * fps))
+        else:
+            raise EtesvsError(f"{annotation_file}: video '{video}' has neither 'duration' nor 'frames'")
+        if num_frames <= 0:
+            raise EtesvsError(f"{annotation_file}: video '{video}' has no frames")
+        frame_labels = [background] * num_frames
+        ordered = sorted(entry.get("annotations", []), key=lambda a: float(a["segment"][0]))
+        for annotation in ordered:
+            try:
+                start_s, end_s = (float(x) for x in annotation["segment"])
+            except (KeyError, TypeError, ValueError):
+                raise EtesvsError(f"{annotation_file}: video '{video}' has a malformed segment {annotation!r}") from None
+            if end_s < start_s:
+                raise EtesvsError(f"{annotation_file}: video '{video}' has a segment ending before it starts")
+            start, end = int(round(start_s * fps)), min(num_frames, int(round(end_s * fps)))
+            for frame in range(max(0, start), end):
+                frame_labels[frame] = str(annotation["label"])
+        subset = subsets.get(str(entry.get("subset", "test")).lower())
+        if subset is None:
+            raise EtesvsError(f"{annotation_file}: video '{video}' has unknown subset {entry.get('subset')!r}")
+        split_members[subset].append(video)
+        ground_truth[video] = frame_labels
+    for video, frame_labels in ground_truth.items():
+        path = out_root / "groundTruth" / f"{video}.txt"
+        with atomic_path(path) as tmp:
+            tmp.write_text("\n".join(frame_labels) + "\n", encoding="utf-8")
+    with atomic_path(out_root / "mapping.txt") as tmp:
+        tmp.write_text("".join(f"{i} {name}\n" for i, name in enumerate(classes)), encoding="utf-8")
+    for subset, members in split_members.items():
+        with atomic_path(out_root / "splits" / f"{subset}.split1.bundle") as tmp:
+            tmp.write_text("".join(f"{video}.txt\n" for video in members), encoding="utf-8")
+    return list(ground_truth)
+
+
+def activitynet_to_ground_truth_main(argv: list[str] | None = None) -> None:
+    """``python -m etesvs.data.labels ANNOTATIONS.json ROOT --fps 30``: THUMOS-style JSON to the MS-TCN layout."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m etesvs.data.labels", description=activitynet_to_ground_truth_main.__doc__)
+    parser.add_argument("annotations", type=Path, help="ActivityNet/THUMOS-style JSON with segments in seconds")
+    parser.add_argument("root", type=Path, help="dataset root to write groundTruth/, mapping.txt, splits/ into")
+    parser.add_argument("--fps", type=float, required=True)
+    parser.add_argument("--background", default="background")
+    args = parser.parse_args(argv)
+    videos = activitynet_to_ground_truth(args.annotations, args.root, fps=args.fps, background=args.background)
+    print(f"wrote groundTruth of {len(videos)} videos to {args.root}")
+
+
+
+
+if __name__ == "__main__":
+    from etesvs.errors import run_main
+
+    run_main(activitynet_to_ground_truth_main)
