@@ -6,10 +6,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: repro test benchmarks clean-venv
 
-$(STAMP): requirements.txt
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 # The whole pipeline on the embedded demo dataset (or the dataset params.yaml names).

@@ -20,11 +20,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--split", type=int, required=True)
     parser.add_argument("--fps", type=float, required=True)
-    parser.add_argument("--background", nargs="*", default=[], help="background class names")
+    parser.add_argument("--background", default="", help="comma-separated background class names")
     args = parser.parse_args(argv)
-    info = convert_labels(
-        DatasetLayout(args.root), args.out, dataset=args.dataset, split=args.split, fps=args.fps, background=args.background
-    )
+    background = [name.strip() for name in args.background.split(",") if name.strip()]
+    layout = DatasetLayout(args.root)
+    info = convert_labels(layout, args.out, dataset=args.dataset, split=args.split, fps=args.fps, background=background)
     frames = sum(info.num_frames.values())
     print(
         f"convert_labels: {len(info.num_frames)} videos, {frames} frames, {info.num_classes} classes; "

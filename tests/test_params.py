@@ -20,7 +20,7 @@ def test_params_yaml_equals_composed_conf(tmp_path):
 
 def test_dataset_switch_changes_every_dataset_fact(tmp_path):
     demo = _compose(tmp_path)
-    for name, fps, background in [("gtea", 15, ["background"]), ("50salads", 30, []), ("breakfast", 15, ["SIL"]), ("thumos14", 30, ["background"])]:
+    for name, fps, background in [("gtea", 15, "background"), ("50salads", 30, ""), ("breakfast", 15, "SIL"), ("thumos14", 30, "background")]:
         params = _compose(tmp_path, f"dataset={name}")
         assert params["dataset"]["name"] == name and params["dataset"]["root"] == f"data/raw/{name}"
         assert params["dataset"]["fps"] == fps and params["dataset"]["background"] == background

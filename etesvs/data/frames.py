@@ -3,7 +3,9 @@
 One file per video, not one per frame, because DVC hashes every file it tracks and a dataset such as
 Breakfast has millions of frames. A container ``<frames_dir>/<video>.h5`` holds
 
-- ``jpeg``: vlen uint8 (N,), the JPEG bytes of frame i (ffmpeg's MJPEG encoder, so no re-encoding in Python);
+- ``jpeg``: uint8 (total bytes,), the JPEG images of all frames one after another (ffmpeg's MJPEG encoder,
+  so no re-encoding in Python), and ``offsets``: int64 (N + 1,), frame i is ``jpeg[offsets[i]:offsets[i+1]]``
+  (one flat array reads a window in one slice and writes far faster than N variable-length rows);
 - attributes ``fps``, ``height``, ``width``, ``num_frames``, ``short_side``, ``source``, ``source_size``,
   ``decoded_frames`` (before reconciliation with the labels) and ``complete``.
 """
@@ -216,6 +218,22 @@ def reconcile(images: list[bytes], label_frames: int, *, tolerance: int, video: 
     return padded, f"{video}: padded {-difference} frames ({len(images)} -> {label_frames})"
 
 
+def jpeg_size(image: bytes) -> tuple[int, int]:
+    """(height, width) from a JPEG's start-of-frame header."""
+    position = 2
+    while position + 9 < len(image):
+        if image[position] != 0xFF:
+            break
+        marker = image[position + 1]
+        length = (image[position + 2] << 8) | image[position + 3]
+        if marker in (0xC0, 0xC1, 0xC2):
+            height = (image[position + 5] << 8) | image[position + 6]
+            width = (image[position + 7] << 8) | image[position + 8]
+            return height, width
+        position += 2 + length
+    raise ValueError("no JPEG start-of-frame header found")
+
+
 def write_frame_container(
     path: str | Path,
     frames: np.ndarray | Sequence[bytes],
@@ -232,18 +250,17 @@ def write_frame_container(
             raise ValueError(f"expected uint8 frames (T, H, W, 3), got {frames.dtype} {frames.shape}")
         tensors = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T,H,W,3) -> (T,3,H,W)
         encoded = [bytes(t.numpy().tobytes()) for t in encode_jpeg(list(tensors), quality=jpeg_quality)]
-        height, width = frames.shape[1:3]
     else:
         encoded = [bytes(b) for b in frames]
-        from torchvision.io import decode_jpeg
-
-        first = decode_jpeg(torch.frombuffer(bytearray(encoded[0]), dtype=torch.uint8))
-        height, width = int(first.shape[1]), int(first.shape[2])
+    if not encoded:
+        raise ValueError("a frame container needs at least one frame")
+    height, width = jpeg_size(encoded[0])
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(image) for image in encoded], out=offsets[1:])
     with atomic_path(path) as tmp:
         with h5py.File(tmp, "w") as handle:
-            dataset = handle.create_dataset("jpeg", (len(encoded),), dtype=h5py.vlen_dtype(np.uint8))
-            for index, image in enumerate(encoded):
-                dataset[index] = np.frombuffer(image, dtype=np.uint8)
+            handle.create_dataset("jpeg", data=np.frombuffer(b"".join(encoded), dtype=np.uint8))
+            handle.create_dataset("offsets", data=offsets)
             handle.attrs.update(
                 {"fps": float(fps), "height": int(height), "width": int(width), "num_frames": len(encoded)}
             )
@@ -296,7 +313,12 @@ class FrameReader:
         handle = self._file()
         if not 0 <= start <= stop <= self.num_frames:
             raise IndexError(f"{self.path}: frames {start}..{stop} outside 0..{self.num_frames}")
-        return [torch.from_numpy(np.asarray(image)) for image in handle["jpeg"][start:stop]]
+        if start == stop:
+            return []
+        offsets = handle["offsets"][start : stop + 1]
+        data = torch.from_numpy(handle["jpeg"][offsets[0] : offsets[-1]])
+        relative = offsets - offsets[0]
+        return [data[relative[i] : relative[i + 1]] for i in range(len(relative) - 1)]
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         """Frames ``start..stop-1`` decoded with ``torchvision.io.decode_jpeg``: uint8 (T, 3, H, W)."""

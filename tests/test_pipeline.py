@@ -1,0 +1,89 @@
+"""End to end: `dvc repro` of the whole pipeline on a tiny generated dataset in a temporary git repository."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow
+
+# Small enough for CI, big enough that every stage has real work (train and test videos, several classes).
+TINY = [
+    "demo.num_videos=8",
+    "demo.num_subjects=2",
+    "demo.min_seconds=4",
+    "demo.max_seconds=6",
+    "demo.width=64",
+    "demo.height=48",
+    "dataset.image_size=48",
+    "frames.workers=2",
+]
+PROJECT_FILES = ["etesvs", "stages", "conf", "dvc.yaml", ".dvcignore", "pyproject.toml"]
+
+
+def run(args, cwd, **kwargs):
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("pipeline")
+    for name in PROJECT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(source, repo / name)
+    from dvc.utils.hydra import compose_and_dump
+
+    compose_and_dump(repo / "params.yaml", str(repo / "conf"), None, "config", str(repo), TINY)
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "hydra.enabled", "true"]):
+        result = run(command, repo)
+        assert result.returncode == 0, result.stderr
+    result = run(["dvc", "repro"], repo, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return repo
+
+
+def test_every_output_exists(repo):
+    stages = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert {"make_demo_data", "convert_labels", "extract_frames"} <= set(stages)
+    for name, stage in stages.items():
+        for out in stage.get("outs", []):
+            assert (repo / out["path"]).exists(), f"{name}: {out['path']} missing"
+
+
+def test_raw_labels_and_frames_agree(repo):
+    from etesvs.data.frames import FrameReader, frames_path
+    from etesvs.data.labels import load_label_info, load_labels
+
+    info = load_label_info(repo / "data" / "labels")
+    assert info.dataset == "demo" and info.fps == 15 and info.background == ("background",)
+    assert len(info.train) + len(info.test) == 8 and info.test
+    for video in info.train + info.test:
+        labels = load_labels(repo / "data" / "labels", video)
+        text = (repo / "data" / "raw" / "demo" / "groundTruth" / f"{video}.txt").read_text().split()
+        assert len(labels) == len(text) == info.num_frames[video]
+        with FrameReader(frames_path(repo / "data" / "frames", video)) as reader:
+            assert reader.num_frames == len(labels)
+            assert reader.height == 48 and reader.width == 64
+            window = reader.read(0, 5)
+            assert window.shape == (5, 3, 48, 64)
+            assert window.float().std() > 1, "frames are not blank"
+    report = json.loads((repo / "reports" / "extract_frames.json").read_text())
+    assert report["videos"] == 8 and report["skipped_bad_videos"] == [] and report["reconciled"] == []
+
+
+def test_repro_again_is_a_no_op(repo):
+    result = run(["dvc", "status"], repo)
+    assert result.returncode == 0 and "up to date" in result.stdout, result.stdout
