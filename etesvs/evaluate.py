@@ -1,0 +1,396 @@
+"""Evaluate a model's predictions against the ground truth: library functions and a command line.
+
+::
+
+    python -m etesvs.evaluate --ground-truth DIR --predictions DIR --mapping FILE --split FILE \\
+        [--background NAME ...] [--probabilities FILE.h5] [--out FILE.json]
+
+Predictions are text files ``<video>.txt`` (or ``<video>``) in either layout: one class name per line like
+``groundTruth``, or the MS-TCN results layout (a ``### Frame level recognition: ###`` line, then all class names
+space-separated). ``--probabilities`` is an HDF5 file with one (T, C) float dataset per video (``probs.h5``);
+with it the localization metrics are computed too. All scores are percentages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import h5py
+import numpy as np
+
+from etesvs.data.layout import read_ground_truth, read_mapping, read_split
+from etesvs.errors import EtesvsError, run_main
+from etesvs.io import atomic_path, read_json, write_json
+from etesvs.metrics import (
+    LocalizationScores,
+    PerClassScores,
+    SegmentationScores,
+    concatenate_segments,
+    confusion_matrix,
+    f1_from_counts,
+    localization_metrics,
+    per_class_scores,
+    segmentation_metrics,
+    segments_from_labels,
+    segments_from_probabilities,
+)
+
+MSTCN_HEADER = "###"
+SUMMARY_COLUMNS = (
+    ("Model", None),
+    ("Params", "params"),
+    ("FLOPs/frame", "flops_per_frame"),
+    ("F1@10", "f1_10"),
+    ("F1@25", "f1_25"),
+    ("F1@50", "f1_50"),
+    ("Edit", "edit"),
+    ("Acc", "acc"),
+    ("mAP@0.5", "map_50"),
+    ("avg mAP", "map_avg"),
+    ("AUC", "auc"),
+)
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """Everything :func:`evaluate_predictions` computes.
+
+    Attributes:
+        videos: V video ids, in evaluation order.
+        predictions: predicted class per frame of each video, (T_v,) int64.
+        segmentation: Acc, Edit, F1 (with per-video Edit and F1 counts).
+        localization: mAP, AR@AN, AUC; None without probabilities.
+        confusion: (C, C) frame counts, rows = actual, columns = predicted.
+        per_class: frame-level precision, recall, F1 and support of each class.
+    """
+
+    videos: tuple[str, ...]
+    predictions: dict[str, np.ndarray]
+    segmentation: SegmentationScores
+    localization: LocalizationScores | None
+    confusion: np.ndarray
+    per_class: PerClassScores
+
+    def metrics(self) -> dict[str, float]:
+        """acc, edit, f1_10, f1_25, f1_50 and, with probabilities, map_50, map_avg, auc (percent)."""
+        out = self.segmentation.as_dict()
+        if self.localization is not None:
+            scores = self.localization.as_dict()
+            out.update({key: scores[key] for key in ("map_50", "map_avg", "auc")})
+        return out
+
+    def video_f1(self, overlap: float = 0.5) -> dict[str, float]:
+        """F1@overlap (percent) of each video; ``overlap`` must be one of the evaluated overlaps."""
+        column = list(self.segmentation.f1).index(overlap)
+        f1 = f1_from_counts(self.segmentation.f1_counts_by_video[:, column])
+        return {video: float(value) for video, value in zip(self.videos, f1)}
+
+
+def check_probabilities(probabilities: np.ndarray, *, num_frames: int, num_classes: int, source: str) -> None:
+    """Raise :class:`EtesvsError` naming ``source`` unless ``probabilities`` is a finite, non-negative (T, C) array."""
+    if probabilities.ndim != 2 or probabilities.shape[1] != num_classes:
+        raise EtesvsError(f"{source}: expected shape ({num_frames}, {num_classes}), got {probabilities.shape}")
+    if probabilities.shape[0] != num_frames:
+        raise EtesvsError(f"{source}: has {probabilities.shape[0]} frames, the ground truth has {num_frames}")
+    bad = ~np.isfinite(probabilities)
+    if bad.any():
+        frame = int(np.flatnonzero(bad.any(axis=1))[0])
+        raise EtesvsError(f"{source}: NaN or infinite probability at frame {frame}")
+    negative = probabilities < 0
+    if negative.any():
+        frame = int(np.flatnonzero(negative.any(axis=1))[0])
+        raise EtesvsError(f"{source}: negative probability at frame {frame}")
+
+
+def evaluate_predictions(
+    ground_truth: Mapping[str, np.ndarray],
+    predictions: Mapping[str, np.ndarray] | None = None,
+    *,
+    num_classes: int,
+    background_ids: Sequence[int] = (),
+    probabilities: Mapping[str, np.ndarray] | None = None,
+    predictions_source: str = "predictions",
+    probabilities_source: str = "probabilities",
+) -> EvaluationResult:
+    """Score the predictions of a set of videos.
+
+    Args:
+        ground_truth: video id -> (T,) int true class per frame; its keys are the videos evaluated.
+        predictions: video id -> (T,) int predicted class per frame. None: the argmax of ``probabilities``.
+        num_classes: C.
+        background_ids: classes left out of segments (Edit, F1, localization).
+        probabilities: video id -> (T, C) class probabilities (an open ``h5py.File`` works: datasets are read one
+            video at a time). Needed for the localization metrics.
+        predictions_source, probabilities_source: names used in error messages (e.g. the directory or file).
+
+    Raises:
+        EtesvsError: a video without prediction, a length mismatch, a class id out of range, or probabilities
+            that are NaN, negative or of the wrong shape; the message names the source and the video.
+    """
+    videos = tuple(ground_truth)
+    if not videos:
+        raise EtesvsError(f"{predictions_source}: no videos to evaluate (empty split)")
+    if predictions is None and probabilities is None:
+        raise ValueError("give predictions, probabilities or both")
+    predicted_labels: dict[str, np.ndarray] = {}
+    predicted_segments = []
+    true_segments = []
+    for index, video in enumerate(videos):
+        truth = np.asarray(ground_truth[video])
+        if probabilities is not None:
+            if video not in probabilities:
+                raise EtesvsError(f"{probabilities_source}: no probabilities for video '{video}'")
+            scores = np.asarray(probabilities[video])
+            check_probabilities(
+                scores, num_frames=len(truth), num_classes=num_classes, source=f"{probabilities_source}: '{video}'"
+            )
+            predicted_segments.append(segments_from_probabilities(scores, background_ids, video=index))
+            true_segments.append(segments_from_labels(truth, background_ids, video=index))
+        if predictions is not None:
+            if video not in predictions:
+                raise EtesvsError(f"{predictions_source}: no prediction for video '{video}'")
+            labels = np.asarray(predictions[video], dtype=np.int64)
+        else:
+            labels = np.argmax(scores, axis=1)
+        if labels.shape != truth.shape:
+            raise EtesvsError(
+                f"{predictions_source}: prediction of '{video}' has {len(labels)} frames, ground truth {len(truth)}"
+            )
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise EtesvsError(
+                f"{predictions_source}: prediction of '{video}' has class ids outside 0..{num_classes - 1}"
+            )
+        predicted_labels[video] = labels
+    truths = [np.asarray(ground_truth[video], dtype=np.int64) for video in videos]
+    segmentation = segmentation_metrics(
+        [predicted_labels[video] for video in videos], truths, background_ids=background_ids
+    )
+    localization = None
+    if probabilities is not None:
+        localization = localization_metrics(
+            concatenate_segments(predicted_segments), concatenate_segments(true_segments)
+        )
+    confusion = confusion_matrix(np.concatenate(list(predicted_labels.values())), np.concatenate(truths), num_classes)
+    return EvaluationResult(
+        videos=videos,
+        predictions=predicted_labels,
+        segmentation=segmentation,
+        localization=localization,
+        confusion=confusion,
+        per_class=per_class_scores(confusion),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- files
+
+
+def read_prediction_file(path: str | Path) -> list[str]:
+    """Class names per frame from a prediction file (one per line, or the MS-TCN results layout)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EtesvsError(f"{path}: file not found") from None
+    except UnicodeDecodeError:
+        raise EtesvsError(f"{path}: not a UTF-8 text file") from None
+    lines = text.splitlines()
+    if lines and lines[0].startswith(MSTCN_HEADER):
+        names = " ".join(lines[1:]).split()
+    else:
+        names = [line.strip() for line in lines]
+        while names and not names[-1]:
+            names.pop()
+        if "" in names:
+            raise EtesvsError(f"{path}:{names.index('') + 1}: empty label line")
+    if not names:
+        raise EtesvsError(f"{path}: no labels")
+    return names
+
+
+def find_prediction_file(predictions_dir: str | Path, video: str) -> Path:
+    """``<dir>/<video>.txt`` or, as MS-TCN writes them, ``<dir>/<video>``."""
+    predictions_dir = Path(predictions_dir)
+    for candidate in (predictions_dir / f"{video}.txt", predictions_dir / video):
+        if candidate.is_file():
+            return candidate
+    raise EtesvsError(f"{predictions_dir / video}.txt: prediction of video '{video}' not found")
+
+
+def class_ids(names: Sequence[str], classes: Sequence[str], *, source: str | Path) -> np.ndarray:
+    """(T,) int64 ids of class ``names``; an unknown name is an error naming ``source`` and the frame."""
+    index = {name: i for i, name in enumerate(classes)}
+    try:
+        return np.fromiter((index[name] for name in names), dtype=np.int64, count=len(names))
+    except KeyError as error:
+        name = error.args[0]
+        frame = list(names).index(name) + 1
+        raise EtesvsError(f"{source}: frame {frame}: unknown class {name!r} (not in the mapping)") from None
+
+
+def background_class_ids(background: Sequence[str] | None, classes: Sequence[str], *, mapping: str | Path) -> list[int]:
+    """Ids of the background class names; None means ``background`` if the mapping has it, else none."""
+    if background is None:
+        return [classes.index("background")] if "background" in classes else []
+    unknown = [name for name in background if name not in classes]
+    if unknown:
+        raise EtesvsError(f"{mapping}: background class {unknown[0]!r} is not in the mapping")
+    return [classes.index(name) for name in background]
+
+
+def json_safe(metrics: Mapping[str, object]) -> dict[str, object]:
+    """Metrics rounded to 4 decimals, NaN as None (JSON has no NaN)."""
+    out: dict[str, object] = {}
+    for key, value in metrics.items():
+        if isinstance(value, float):
+            value = None if math.isnan(value) else round(value, 4)
+        out[key] = value
+    return out
+
+
+def per_class_csv(result: EvaluationResult, classes: Sequence[str]) -> str:
+    """CSV text: class, precision, recall, f1 (percent), support (frames)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["class", "precision", "recall", "f1", "support"])
+    scores = result.per_class
+    for c, name in enumerate(classes):
+        writer.writerow(
+            [
+                name,
+                f"{scores.precision[c]:.4f}",
+                f"{scores.recall[c]:.4f}",
+                f"{scores.f1[c]:.4f}",
+                int(scores.support[c]),
+            ]
+        )
+    return buffer.getvalue()
+
+
+def confusion_csv(
+    result: EvaluationResult, ground_truth: Mapping[str, np.ndarray], classes: Sequence[str], *, max_rows: int = 20000
+) -> str:
+    """CSV text ``actual,predicted`` (class names), one row per frame for evenly spaced frames, at most ``max_rows``.
+
+    This is the input of DVC's confusion-matrix plot template; frames are sub-sampled with a fixed stride over
+    all videos so that the file stays small and the same inputs give the same file.
+    """
+    actual = np.concatenate([np.asarray(ground_truth[video]) for video in result.videos])
+    predicted = np.concatenate([result.predictions[video] for video in result.videos])
+    stride = max(1, math.ceil(len(actual) / max_rows))
+    names = np.asarray(classes, dtype=object)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["actual", "predicted"])
+    writer.writerows(zip(names[actual[::stride]], names[predicted[::stride]]))
+    return buffer.getvalue()
+
+
+def format_table(metrics: Mapping[str, float | None]) -> str:
+    """Two-line plain-text table of the metrics, for the terminal."""
+    headers = {"acc": "Acc", "edit": "Edit", "f1_10": "F1@10", "f1_25": "F1@25", "f1_50": "F1@50"}
+    headers.update({"map_50": "mAP@0.5", "map_avg": "avg mAP", "auc": "AUC"})
+    keys = [key for key in headers if key in metrics]
+    cells = ["-" if metrics[key] is None else f"{metrics[key]:.2f}" for key in keys]
+    widths = [max(len(headers[key]), len(cell)) for key, cell in zip(keys, cells)]
+    return "\n".join(
+        [
+            "  ".join(headers[key].rjust(width) for key, width in zip(keys, widths)),
+            "  ".join(cell.rjust(width) for cell, width in zip(cells, widths)),
+        ]
+    )
+
+
+def _format_count(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:.2f}{suffix}{unit}"
+    return f"{value:g}{unit}"
+
+
+def summary_markdown(reports: Mapping[str, Mapping[str, object]]) -> str:
+    """Markdown table, one row per model: Model, Params, FLOPs/frame, F1@{10,25,50}, Edit, Acc, mAP@0.5, avg mAP, AUC.
+
+    Args:
+        reports: model name -> its metrics (the content of ``reports/<model>/metrics.json``).
+    """
+    lines = ["| " + " | ".join(name for name, _ in SUMMARY_COLUMNS) + " |"]
+    lines.append("|" + "|".join("---" for _ in SUMMARY_COLUMNS) + "|")
+    for model, metrics in reports.items():
+        cells = [model]
+        for _, key in SUMMARY_COLUMNS[1:]:
+            value = metrics.get(key)
+            if key in ("params", "flops_per_frame"):
+                cells.append(_format_count(value))
+            else:
+                cells.append("-" if value is None else f"{value:.1f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(metrics_files: Sequence[str | Path], out: str | Path) -> str:
+    """Write the summary table of ``reports/<model>/metrics.json`` files (model = the parent directory's name)."""
+    reports = {Path(path).parent.name: read_json(path) for path in metrics_files}
+    text = summary_markdown(reports)
+    with atomic_path(out) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, object]:
+    """Command line: score prediction files against groundTruth files, print a table, optionally write JSON."""
+    parser = argparse.ArgumentParser(prog="python -m etesvs.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ground-truth", type=Path, required=True, help="directory of <video>.txt ground truth")
+    parser.add_argument("--predictions", type=Path, required=True, help="directory of <video>.txt predictions")
+    parser.add_argument("--mapping", type=Path, required=True, help="mapping.txt: '<id> <name>' per line")
+    parser.add_argument("--split", type=Path, required=True, help="bundle of the videos to evaluate")
+    parser.add_argument("--background", nargs="+", default=None, help="background class names (default: background)")
+    parser.add_argument("--probabilities", type=Path, default=None, help="probs.h5 for the localization metrics")
+    parser.add_argument("--out", type=Path, default=None, help="write the metrics (percent) as JSON here")
+    args = parser.parse_args(argv)
+
+    classes = read_mapping(args.mapping)
+    background_ids = background_class_ids(args.background, classes, mapping=args.mapping)
+    videos = read_split(args.split)
+    ground_truth, predictions = {}, {}
+    for video in videos:
+        truth_file = args.ground_truth / f"{video}.txt"
+        ground_truth[video] = class_ids(read_ground_truth(truth_file), classes, source=truth_file)
+        prediction_file = find_prediction_file(args.predictions, video)
+        predictions[video] = class_ids(read_prediction_file(prediction_file), classes, source=prediction_file)
+        if len(predictions[video]) != len(ground_truth[video]):
+            raise EtesvsError(
+                f"{prediction_file}: {len(predictions[video])} frames, but {truth_file} has {len(ground_truth[video])}"
+            )
+    kwargs = dict(num_classes=len(classes), background_ids=background_ids, predictions_source=str(args.predictions))
+    if args.probabilities is None:
+        result = evaluate_predictions(ground_truth, predictions, **kwargs)
+    else:
+        try:
+            handle = h5py.File(args.probabilities, "r")
+        except (FileNotFoundError, OSError) as error:
+            raise EtesvsError(f"{args.probabilities}: cannot open as HDF5 ({error.__class__.__name__})") from None
+        with handle:
+            result = evaluate_predictions(
+                ground_truth, predictions, probabilities=handle, probabilities_source=str(args.probabilities), **kwargs
+            )
+    metrics = json_safe(result.metrics())
+    print(f"{len(videos)} videos, background: {', '.join(classes[c] for c in background_ids) or 'none'}")
+    print(format_table(metrics))
+    if args.out is not None:
+        write_json(args.out, metrics)
+    return metrics
+
+
+if __name__ == "__main__":
+    run_main(main)

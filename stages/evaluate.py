@@ -1,0 +1,78 @@
+"""Stage evaluate@{model}: score a model's test-set probabilities; write metrics, tables and pictures.
+
+Reads ``--labels`` (info.json, labels.h5) and ``--predictions`` (probs.h5, model.json); writes into ``--out``:
+``metrics.json`` (percent, plus the model's params, flops_per_frame, backbone_pretrained), ``per_class.csv``,
+``confusion.csv`` (sampled frames, for DVC's confusion template) and ``segments/<video>.png``.
+Every input is checked before anything is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import h5py
+
+from etesvs.data.labels import load_label_info, load_labels
+from etesvs.errors import EtesvsError, run_main
+from etesvs.evaluate import confusion_csv, evaluate_predictions, json_safe, per_class_csv
+from etesvs.io import atomic_path, read_json, write_json
+from etesvs.viz import save_segments_figure
+
+MODEL_FIELDS = ("params", "flops_per_frame", "backbone_pretrained")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--labels", type=Path, required=True, help="labels directory (info.json, labels.h5)")
+    parser.add_argument("--predictions", type=Path, required=True, help="directory with probs.h5 and model.json")
+    parser.add_argument("--model", required=True, help="model name, for messages")
+    parser.add_argument("--out", type=Path, required=True, help="report directory, e.g. reports/<model>")
+    parser.add_argument("--window", type=int, default=0, help="frames per sliding window (picture ticks)")
+    parser.add_argument("--max-confusion-rows", type=int, default=20000)
+    args = parser.parse_args()
+
+    info = load_label_info(args.labels)
+    model_info = read_json(args.predictions / "model.json")
+    ground_truth = {video: load_labels(args.labels, video) for video in info.test}
+    probabilities_file = args.predictions / "probs.h5"
+    try:
+        handle = h5py.File(probabilities_file, "r")
+    except (FileNotFoundError, OSError) as error:
+        raise EtesvsError(f"{probabilities_file}: cannot open as HDF5 ({error.__class__.__name__})") from None
+    with handle:
+        result = evaluate_predictions(
+            ground_truth,
+            num_classes=info.num_classes,
+            background_ids=info.background_ids,
+            probabilities=handle,
+            probabilities_source=str(probabilities_file),
+        )
+
+    metrics = json_safe(result.metrics())
+    metrics.update({field: model_info.get(field) for field in MODEL_FIELDS})
+    video_f1 = result.video_f1(0.5)
+    with atomic_path(args.out / "segments", directory=True) as pictures:
+        for video in result.videos:
+            save_segments_figure(
+                pictures / f"{video.replace('/', '_')}.png",
+                ground_truth[video],
+                result.predictions[video],
+                class_names=info.classes,
+                fps=info.fps,
+                window=args.window,
+                title=f"{args.model}: {video}   F1@50 = {video_f1[video]:.1f}",
+                background_ids=info.background_ids,
+            )
+    for name, text in (
+        ("per_class.csv", per_class_csv(result, info.classes)),
+        ("confusion.csv", confusion_csv(result, ground_truth, info.classes, max_rows=args.max_confusion_rows)),
+    ):
+        with atomic_path(args.out / name) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    write_json(args.out / "metrics.json", metrics)
+    print(f"{args.model}: " + ", ".join(f"{key} {value}" for key, value in metrics.items()))
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,21 @@
+"""Stage summarize: one Markdown table comparing the models' reports/<model>/metrics.json."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from etesvs.errors import run_main
+from etesvs.evaluate import write_summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--metrics", type=Path, nargs="+", required=True, help="reports/<model>/metrics.json files")
+    parser.add_argument("--out", type=Path, required=True, help="Markdown file, e.g. reports/summary.md")
+    args = parser.parse_args()
+    print(write_summary(args.metrics, args.out), end="")
+
+
+if __name__ == "__main__":
+    run_main(main)
