@@ -24,8 +24,11 @@ import dataclasses
 import json
 import math
 import subprocess
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from tqdm import tqdm
@@ -91,6 +94,17 @@ MEAN_SECONDS = {
     "close_jar": 2.0,
     "shake_bottle": 2.0,
     "cut": 4.0,
+}
+# The object each action moves; every other object rests during that action.
+MOVING_OBJECT = {
+    "take_cup": "cup",
+    "put_cup": "cup",
+    "open_jar": "lid",
+    "close_jar": "lid",
+    "pour_water": "bottle",
+    "shake_bottle": "bottle",
+    "stir": "spoon",
+    "cut": "knife",
 }
 MIN_ACTION_FRAMES = 3
 # Fraction of an action spent reaching for the object (and, at the end, withdrawing the hand).
@@ -365,7 +379,7 @@ def _plan_segments(rng: np.random.Generator, recipe: str, num_frames: int) -> tu
         minimum.append(1 if 0 < i < len(actions) and actions[i - 1] == action else 0)
         if action is not None:
             labels.append(action)
-            weights.append(MEAN_SECONDS[action] * rng.lognormal(0.0, 0.45))
+            weights.append(MEAN_SECONDS[action] * rng.lognormal(0.0, 0.7))
             minimum.append(MIN_ACTION_FRAMES)
     counts = _allocate(num_frames, np.asarray(weights), np.asarray(minimum))
     segments, start = [], 0
@@ -455,7 +469,7 @@ class _Timeline:
             return
         self.reach[frames] = _hand_weight(phase)
         self.moving[frames] = [MOVING_OBJECT[segment.label]] * count
-        getattr(self, "_" + segment.label)(frames, phase, seconds)
+        self.MOTIONS[segment.label](self, frames, phase, seconds)
 
     def _idle(self, frames: slice, phase: np.ndarray, count: int) -> None:
         """Background: sometimes the hand reaches towards a random spot and comes back without doing anything."""
@@ -539,6 +553,17 @@ class _Timeline:
         self.poses["knife"][frames] = np.column_stack([path, np.full(len(path), 0.15)])
         self.grip[frames] = path + (1.0 * self.unit, 0.1 * self.unit)
 
+    MOTIONS: ClassVar[dict[str, Callable[..., None]]] = {
+        "take_cup": _take_cup,
+        "put_cup": _put_cup,
+        "open_jar": _open_jar,
+        "close_jar": _close_jar,
+        "pour_water": _pour_water,
+        "shake_bottle": _shake_bottle,
+        "stir": _stir,
+        "cut": _cut,
+    }
+
     def finish(self) -> None:
         """Hand pose: between its (wandering) resting place and the grip point."""
         count = len(self.reach)
@@ -549,11 +574,11 @@ class _Timeline:
         self.poses["hand"][:] = np.column_stack([position, np.zeros(count)])
 
 
-def _random_walk(rng: np.random.Generator, count: int, fps: float) -> np.ndarray:
-    """Smooth random signal (count,) in [-1, 1] with changes over about a second."""
-    knots = max(int(count / fps) + 2, 2)
+def _random_walk(rng: np.random.Generator, count: int, frames_per_knot: float) -> np.ndarray:
+    """Smooth random signal (count,) in [-1, 1]: random values every ``frames_per_knot`` frames, interpolated."""
+    knots = int(count / frames_per_knot) + 2
     values = rng.uniform(-1, 1, size=knots)
-    return np.interp(np.arange(count) / fps, np.arange(knots), values)
+    return np.interp(np.arange(count) / frames_per_knot, np.arange(knots), values)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -570,7 +595,7 @@ class _Distractor:
 
 
 def _distractors(rng: np.random.Generator, subject: _Subject, config: DemoConfig, count: int) -> list[_Distractor]:
-    """Objects that belong to no action; each slides to a new place now and then, at random times."""
+    """Objects that belong to no action; now and then, at random times, one slides away or wobbles."""
     result = []
     for _ in range(int(rng.integers(1, 4))):
         # Half of them copy the colour of a real object, so colour alone does not identify it.
@@ -580,12 +605,16 @@ def _distractors(rng: np.random.Generator, subject: _Subject, config: DemoConfig
             color = _PALETTE[rng.integers(len(_PALETTE))].copy()
         position = np.array([rng.uniform(0.05, 0.95) * config.width, rng.uniform(0.05, 0.95) * config.height])
         path = np.tile(position, (count, 1))
-        for _ in range(int(rng.poisson(count / config.fps / 8))):
+        for _ in range(int(rng.poisson(count / config.fps / 15))):  # about once in 15 seconds
             start = int(rng.integers(count))
             length = int(rng.uniform(0.5, 1.5) * config.fps) + 1
             step = rng.normal(0, 1.0, size=2) * subject.unit
-            ramp = _smoothstep((np.arange(count - start) + 1) / length)[:, None]
-            path[start:] += step * ramp
+            progress = (np.arange(count - start) + 1) / length
+            if rng.random() < 0.5:  # slides to a new place
+                ramp = _smoothstep(progress)
+            else:  # wobbles out and back
+                ramp = np.sin(np.pi * np.clip(progress, 0.0, 1.0))
+            path[start:] += step * ramp[:, None]
         result.append(
             _Distractor(
                 kind=int(rng.integers(2)),
@@ -598,17 +627,6 @@ def _distractors(rng: np.random.Generator, subject: _Subject, config: DemoConfig
     return result
 
 
-# The object each action moves; every other object rests during that action.
-MOVING_OBJECT = {
-    "take_cup": "cup",
-    "put_cup": "cup",
-    "open_jar": "lid",
-    "close_jar": "lid",
-    "pour_water": "bottle",
-    "shake_bottle": "bottle",
-    "stir": "spoon",
-    "cut": "knife",
-}
 _DRAW_ORDER = ("lid", "cup", "spoon", "knife", "bottle")
 
 
@@ -644,7 +662,15 @@ def _draw_object(image: np.ndarray, subject: _Subject, name: str, x: float, y: f
     elif name == "bottle":
         fill_rect(image, x, y, 0.45 * unit, 1.05 * unit, angle, colors["bottle"])
         up_x, up_y = _up(angle)
-        fill_rect(image, x + 1.35 * unit * up_x, y + 1.35 * unit * up_y, 0.2 * unit, 0.35 * unit, angle, colors["bottle"] * 0.7)
+        fill_rect(
+            image,
+            x + 1.35 * unit * up_x,
+            y + 1.35 * unit * up_y,
+            0.2 * unit,
+            0.35 * unit,
+            angle,
+            colors["bottle"] * 0.7,
+        )
         if angle < -1.3:  # tilted far enough to pour
             mouth_x, mouth_y = x + 1.7 * unit * up_x, y + 1.7 * unit * up_y
             fill_bar(image, mouth_x, mouth_y, mouth_x - 0.2 * unit, mouth_y + 1.3 * unit, 0.12 * unit, colors["water"])
@@ -675,9 +701,9 @@ def _render(config: DemoConfig, subject: _Subject, timeline: _Timeline, rng: np.
         jitter[start:stop] += rng.normal(0, 1.5, size=(stop - start, 2))
     shifts = np.clip(np.round(jitter), -margin, margin).astype(int)
     # Light: global gain and colour drifting over seconds, and a directional gradient that turns slowly.
-    gain = 1.0 + 0.15 * _random_walk(rng, count, config.fps / 4)
-    tint = 1.0 + 0.05 * np.column_stack([_random_walk(rng, count, config.fps / 3) for _ in range(3)])
-    light_angle = rng.uniform(0, 2 * np.pi) + 1.5 * _random_walk(rng, count, config.fps / 5)
+    gain = 1.0 + 0.15 * _random_walk(rng, count, 4 * config.fps)
+    tint = 1.0 + 0.05 * np.column_stack([_random_walk(rng, count, 3 * config.fps) for _ in range(3)])
+    light_angle = rng.uniform(0, 2 * np.pi) + 1.5 * _random_walk(rng, count, 5 * config.fps)
     columns = np.linspace(-0.5, 0.5, width, dtype=np.float32)[None, :]  # (1, W)
     rows = np.linspace(-0.5, 0.5, height, dtype=np.float32)[:, None]  # (H, 1)
     # Sensor noise: random crops of one noise field twice the frame size (drawing fresh noise per frame is slow).
@@ -799,8 +825,8 @@ def encode_mp4(frames: np.ndarray, path: Path, fps: float) -> None:
         raise EtesvsError(f"{path}: ffmpeg failed to encode {count} frames: {message}")
 
 
-def _readme(config: DemoConfig, videos: list[DemoVideo]) -> str:
-    return f"""ETESVS demo dataset (procedurally generated; regenerate rather than edit)
+def _readme(config: DemoConfig, num_frames: dict[str, int]) -> str:
+    return f"""ETESVS demo dataset (procedurally generated by etesvs/data/demo.py; regenerate rather than edit)
 
 Top-down videos of a table on which a hand performs kitchen "recipes" ({", ".join(RECIPES)}), each an ordered
 sequence of actions with background gaps, distractor objects, camera shake, lighting drift and sensor noise.
@@ -812,8 +838,8 @@ Layout (MS-TCN): Videos/<video>.mp4 (H.264), groundTruth/<video>.txt (one class 
 splits/{{train,test}}.split<K>.bundle. Video names are S<subject>_<recipe>_<index>; split K tests on subject K
 (leave one subject out) and trains on the others.
 
-{len(videos)} videos, {sum(len(video.frames) for video in videos)} frames, {config.width}x{config.height} at
-{config.fps:g} fps, {config.num_subjects} subjects, seed {config.seed}. Full configuration: demo.json.
+Size: {len(num_frames)} videos, {sum(num_frames.values())} frames, {config.width}x{config.height} pixels, {config.fps:g} fps.
+Subjects: {config.num_subjects}. Seed: {config.seed}. Full configuration: demo.json.
 """
 
 
@@ -821,39 +847,43 @@ def generate_demo_dataset(out_dir: Path, config: DemoConfig, *, progress: bool =
     """Generate the demo dataset into ``out_dir`` (replaced if present) and return its video ids.
 
     The dataset is written into a temporary directory beside ``out_dir`` and renamed at the end, so an interrupted
-    run leaves no partial dataset.
+    run leaves no partial dataset. One video is encoded (by ffmpeg, in a thread) while the next one is rendered.
     """
     out_dir = Path(out_dir)
     subjects = [_make_subject(config, index) for index in range(config.num_subjects)]
     names = video_names(config)
-    with atomic_path(out_dir, directory=True) as tmp:
+    num_frames: dict[str, int] = {}
+    with atomic_path(out_dir, directory=True) as tmp, ThreadPoolExecutor(max_workers=1) as encoder:
         for folder in ("Videos", "groundTruth", "splits"):
             (tmp / folder).mkdir()
-        videos = []
+        pending = None
         for index in tqdm(range(config.num_videos), desc="demo videos", unit="video", disable=not progress):
             video = render_demo_video(config, index, subject=subjects[names[index][1]])
-            encode_mp4(video.frames, tmp / "Videos" / f"{video.name}.mp4", config.fps)
+            if pending is not None:
+                pending.result()  # at most one video waits for the encoder; its errors surface here
+            pending = encoder.submit(encode_mp4, video.frames, tmp / "Videos" / f"{video.name}.mp4", config.fps)
             (tmp / "groundTruth" / f"{video.name}.txt").write_text("\n".join(video.labels) + "\n")
-            # Keep only what the README needs; the frames are on disk now.
-            videos.append(dataclasses.replace(video, frames=video.frames[:, :0, :0], trajectories={}))
+            num_frames[video.name] = len(video.frames)
+        if pending is not None:
+            pending.result()
         (tmp / "mapping.txt").write_text("".join(f"{i} {name}\n" for i, name in enumerate(CLASSES)))
         for split in range(1, config.num_subjects + 1):
             test = [name for name, subject, _ in names if subject == split - 1]
             train = [name for name, subject, _ in names if subject != split - 1]
             (tmp / "splits" / f"test.split{split}.bundle").write_text("".join(f"{name}.txt\n" for name in test))
             (tmp / "splits" / f"train.split{split}.bundle").write_text("".join(f"{name}.txt\n" for name in train))
-        (tmp / "demo.json").write_text(
-            json.dumps(
-                {
-                    "config": dataclasses.asdict(config),
-                    "classes": list(CLASSES),
-                    "recipes": {name: [list(group) for _, group in steps] for name, steps in RECIPES.items()},
-                    "videos": {video.name: {"subject": video.subject + 1, "recipe": video.recipe,
-                                            "num_frames": len(video.frames)} for video in videos},
-                },
-                indent=2,
-            )
-            + "\n"
-        )
-        (tmp / "README.txt").write_text(_readme(config, videos))
+        description = {
+            "config": dataclasses.asdict(config),
+            "classes": list(CLASSES),
+            "ambiguous_pairs": [list(pair) for pair in AMBIGUOUS_PAIRS],
+            "recipes": {
+                name: [[probability, list(group)] for probability, group in steps] for name, steps in RECIPES.items()
+            },
+            "videos": {
+                name: {"subject": subject + 1, "recipe": recipe, "num_frames": num_frames[name]}
+                for name, subject, recipe in names
+            },
+        }
+        (tmp / "demo.json").write_text(json.dumps(description, indent=2) + "\n")
+        (tmp / "README.txt").write_text(_readme(config, num_frames))
     return [name for name, _, _ in names]
