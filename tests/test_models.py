@@ -1,0 +1,229 @@
+"""Temporal models: shapes, masking, causality, gradients, and the pieces with exact answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from etesvs.models.asformer import ASFormer, masked_instance_norm, window_attention
+from etesvs.models.asrf import ActionSegmentRefinementFramework, detect_boundaries, refine_with_boundaries
+from etesvs.models.frame_classifier import FrameClassifier
+from etesvs.models.mstcn import MultiStageTCN
+from etesvs.models.tcn import DilatedResidualLayer, DilatedStack, SingleStageTCN
+
+IN_CHANNELS, NUM_CLASSES = 6, 5
+
+MODEL_CASES = [
+    pytest.param(MultiStageTCN, dict(num_stages=1, num_layers=3, num_feature_maps=8), 1, id="mstcn-1stage"),
+    pytest.param(MultiStageTCN, dict(num_stages=3, num_layers=4, num_feature_maps=8), 3, id="mstcn-3stages"),
+    pytest.param(MultiStageTCN, dict(num_stages=2, num_layers=3, num_feature_maps=8, causal=True), 2,
+                 id="mstcn-causal"),
+    pytest.param(ASFormer, dict(num_layers=4, num_feature_maps=8, num_decoders=0), 1, id="asformer-encoder"),
+    pytest.param(ASFormer, dict(num_layers=5, num_feature_maps=8, num_decoders=2), 3, id="asformer-2dec"),
+    pytest.param(ActionSegmentRefinementFramework,
+                 dict(num_layers=3, num_feature_maps=8, num_stages_segmentation=2, num_stages_boundary=1), 2,
+                 id="asrf-2-1"),
+    pytest.param(ActionSegmentRefinementFramework,
+                 dict(num_layers=4, num_feature_maps=8, num_stages_segmentation=3, num_stages_boundary=3), 3,
+                 id="asrf-3-3"),
+    pytest.param(FrameClassifier, dict(num_feature_maps=8), None, id="frame-classifier"),
+]
+
+
+def _build(cls, kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return cls(in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, **kwargs)
+
+
+def _class_logits(output) -> torch.Tensor:
+    """Class logits of any model's output as (S, B, C, T)."""
+    logits = output[0] if isinstance(output, tuple) else output
+    return logits if logits.dim() == 4 else logits.unsqueeze(0)
+
+
+def _all_outputs(output) -> list[torch.Tensor]:
+    return list(output) if isinstance(output, tuple) else [output]
+
+
+@pytest.mark.parametrize("cls, kwargs, num_stages", MODEL_CASES)
+def test_output_shapes_and_probabilities(cls, kwargs, num_stages):
+    model = _build(cls, kwargs).eval()
+    x, mask = torch.randn(2, IN_CHANNELS, 37), torch.ones(2, 1, 37)
+    mask[1, :, 30:] = 0
+    output = model(x, mask)
+    logits = _class_logits(output)
+    expected_stages = num_stages or 1
+    assert logits.shape == (expected_stages, 2, NUM_CLASSES, 37)
+    if cls is ActionSegmentRefinementFramework:
+        assert output[1].shape == (kwargs["num_stages_boundary"], 2, 1, 37)
+    probabilities = model.probabilities(output, mask)
+    assert probabilities.shape == (2, NUM_CLASSES, 37)
+    sums = probabilities.sum(dim=1)
+    torch.testing.assert_close(sums[0], torch.ones(37))
+    torch.testing.assert_close(sums[1, :30], torch.ones(30))
+    assert torch.all(sums[1, 30:] == 0)
+
+
+@pytest.mark.parametrize("cls, kwargs, num_stages", MODEL_CASES)
+def test_padding_does_not_change_valid_outputs(cls, kwargs, num_stages):
+    model = _build(cls, kwargs).eval()
+    length, padding = 29, 19
+    x = torch.randn(1, IN_CHANNELS, length)
+    alone = model(x, torch.ones(1, 1, length))
+    # Garbage (not zeros) in the padding makes a leak visible.
+    padded_x = torch.cat([x, 5 * torch.randn(1, IN_CHANNELS, padding)], dim=2)
+    padded_mask = torch.cat([torch.ones(1, 1, length), torch.zeros(1, 1, padding)], dim=2)
+    padded = model(padded_x, padded_mask)
+    for a, b in zip(_all_outputs(alone), _all_outputs(padded)):
+        torch.testing.assert_close(b[..., :length], a, atol=1e-5, rtol=1e-5)
+        assert torch.all(b[..., length:] == 0)
+    torch.testing.assert_close(model.probabilities(padded, padded_mask)[..., :length],
+                               model.probabilities(alone, torch.ones(1, 1, length)), atol=1e-5, rtol=1e-5)
+
+
+def test_padding_invariance_in_a_mixed_batch():
+    """Two videos of different lengths in one batch give the same outputs as each video alone (ASFormer)."""
+    model = _build(ASFormer, dict(num_layers=5, num_feature_maps=8, num_decoders=2)).eval()
+    short, long = torch.randn(1, IN_CHANNELS, 13), torch.randn(1, IN_CHANNELS, 40)
+    batch = torch.zeros(2, IN_CHANNELS, 40)
+    batch[0, :, :13], batch[1] = short[0], long[0]
+    mask = torch.ones(2, 1, 40)
+    mask[0, :, 13:] = 0
+    together = model(batch, mask)
+    torch.testing.assert_close(together[:, 0:1, :, :13], model(short, torch.ones(1, 1, 13)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(together[:, 1:2], model(long, torch.ones(1, 1, 40)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cls, kwargs, num_stages", MODEL_CASES)
+def test_gradients_reach_every_parameter(cls, kwargs, num_stages):
+    model = _build(cls, kwargs).train()
+    x, mask = torch.randn(2, IN_CHANNELS, 33), torch.ones(2, 1, 33)
+    output = model(x, mask)
+    loss = sum(out.pow(2).mean() for out in _all_outputs(output)) + _class_logits(output)[-1].mean()
+    loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None, name
+        assert torch.isfinite(parameter.grad).all(), name
+    assert any(p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+@pytest.mark.parametrize("dilation", [1, 2, 4])
+@pytest.mark.parametrize("causal", [False, True])
+def test_dilated_residual_layer_receptive_field(dilation, causal):
+    torch.manual_seed(0)
+    layer = DilatedResidualLayer(dilation=dilation, channels=32, dropout=0.0, causal=causal).eval()
+    x, mask = torch.randn(1, 32, 20), torch.ones(1, 1, 20)
+    out = layer(x, mask)
+    assert out.shape == x.shape
+    changed = x.clone()
+    changed[:, :, 10] += 1.0
+    differs = (layer(changed, mask) - out).abs().sum(dim=1)[0] > 0
+    expected_frames = [10, 10 + dilation, 10 + 2 * dilation] if causal else [10 - dilation, 10, 10 + dilation]
+    assert sorted(np.flatnonzero(differs.numpy()).tolist()) == expected_frames
+
+
+@pytest.mark.parametrize("model_cls, kwargs", [
+    (SingleStageTCN, dict(num_layers=4, num_feature_maps=8, causal=True)),
+    (MultiStageTCN, dict(num_stages=3, num_layers=4, num_feature_maps=8, causal=True)),
+])
+def test_causal_models_do_not_look_at_future_frames(model_cls, kwargs):
+    torch.manual_seed(0)
+    model = model_cls(in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, **kwargs).eval()
+    x, mask = torch.randn(1, IN_CHANNELS, 50), torch.ones(1, 1, 50)
+    out = model(x, mask)
+    future = x.clone()
+    future[:, :, 30:] = torch.randn(1, IN_CHANNELS, 20)
+    changed = model(future, mask)
+    torch.testing.assert_close(changed[..., :30], out[..., :30])
+    assert not torch.allclose(changed[..., 30:], out[..., 30:])
+
+
+def test_non_causal_stage_sees_the_future():
+    torch.manual_seed(0)
+    model = SingleStageTCN(in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, num_layers=3, num_feature_maps=8).eval()
+    x, mask = torch.randn(1, IN_CHANNELS, 30), torch.ones(1, 1, 30)
+    future = x.clone()
+    future[:, :, 20] += 3.0
+    assert not torch.allclose(model(future, mask)[..., 19], model(x, mask)[..., 19])
+
+
+def test_dilated_stack_receptive_field():
+    assert DilatedStack(channels=4, num_layers=3).receptive_field == 1 + 2 * (1 + 2 + 4)
+
+
+def _naive_window_attention(query, key, value, mask, window):
+    """Reference: full T x T attention restricted to [t - w//2, t - w//2 + w) and valid keys."""
+    length = query.shape[2]
+    t = torch.arange(length)
+    start = t - window // 2
+    allowed = (t[None, :] >= start[:, None]) & (t[None, :] < start[:, None] + window)  # (T, T)
+    allowed = allowed[None] & (mask[:, 0, None, :] > 0)  # (B, T, T)
+    scores = torch.einsum("bct,bcs->bts", query, key) / query.shape[1] ** 0.5
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    weights = torch.nan_to_num(torch.softmax(scores, dim=-1))
+    return torch.einsum("bts,bcs->bct", weights, value) * mask
+
+
+@pytest.mark.parametrize("window", [1, 2, 3, 4, 8, 64])
+@pytest.mark.parametrize("length", [1, 7, 16])
+def test_window_attention_matches_reference(window, length):
+    torch.manual_seed(window * 100 + length)
+    query, key, value = torch.randn(2, 4, length), torch.randn(2, 4, length), torch.randn(2, 3, length)
+    mask = torch.ones(2, 1, length)
+    mask[1, :, (length + 1) // 2:] = 0
+    got = window_attention(query, key, value, mask, window)
+    torch.testing.assert_close(got, _naive_window_attention(query, key, value, mask, window))
+
+
+def test_window_of_one_returns_the_values():
+    value, mask = torch.randn(1, 3, 9), torch.ones(1, 1, 9)
+    torch.testing.assert_close(window_attention(torch.randn(1, 2, 9), torch.randn(1, 2, 9), value, mask, 1), value)
+
+
+def test_masked_instance_norm_matches_instance_norm_on_valid_frames():
+    x = torch.randn(1, 4, 12)
+    mask = torch.ones(1, 1, 12)
+    expected = nn.InstanceNorm1d(4)(x)
+    padded = torch.cat([x, torch.randn(1, 4, 5)], dim=2)
+    padded_mask = torch.cat([mask, torch.zeros(1, 1, 5)], dim=2)
+    got = masked_instance_norm(padded, padded_mask)
+    torch.testing.assert_close(got[..., :12], expected, atol=1e-5, rtol=1e-5)
+    assert torch.all(got[..., 12:] == 0)
+
+
+def test_detect_boundaries_local_maxima_threshold_and_distance():
+    probability = np.array([0.0, 0.1, 0.2, 0.8, 0.3, 0.1, 0.6, 0.7, 0.1, 0.4, 0.1, 0.1, 0.1, 0.55])
+    # 9 is a local maximum below the threshold; 6 is not a maximum (7 is higher).
+    assert detect_boundaries(probability, threshold=0.5, min_distance=1).tolist() == [3, 7, 13]
+    # With distance 4, 7 is suppressed by 3 (0.8 >= 0.7 within 4 frames).
+    assert detect_boundaries(probability, threshold=0.5, min_distance=4).tolist() == [3, 13]
+    # Frame 0 always starts a segment and is never reported.
+    assert detect_boundaries(np.array([0.9, 0.1, 0.1]), threshold=0.5).tolist() == []
+    # A plateau yields its first frame only.
+    assert detect_boundaries(np.array([0, 0.9, 0.9, 0.9, 0]), threshold=0.5, min_distance=3).tolist() == [1]
+    assert detect_boundaries(np.array([0, 0.9, 0.9, 0.9, 0]), threshold=0.5, min_distance=2).tolist() == [1, 3]
+    assert detect_boundaries(np.array([0.7]), threshold=0.5).tolist() == []
+
+
+def test_refine_with_boundaries_takes_the_majority_of_each_span():
+    predicted = torch.tensor([0, 0, 1, 0, 2, 2, 1, 2, 2])
+    probabilities = nn.functional.one_hot(predicted, 3).T.float() * 0.8 + 0.2 / 3  # (C, T), argmax = predicted
+    refined = refine_with_boundaries(probabilities, np.array([4]))
+    assert refined.argmax(dim=0).tolist() == [0, 0, 0, 0, 2, 2, 2, 2, 2]
+    torch.testing.assert_close(refined[:, 0], torch.tensor([0.75, 0.25, 0.0]))
+    torch.testing.assert_close(refined[:, 5], torch.tensor([0.0, 0.2, 0.8]))
+    torch.testing.assert_close(refined.sum(dim=0), torch.ones(9))
+
+
+def test_asrf_probabilities_use_the_boundary_head():
+    model = _build(ActionSegmentRefinementFramework,
+                   dict(num_layers=2, num_feature_maps=4, num_stages_segmentation=1, num_stages_boundary=1,
+                        boundary_threshold=0.5, boundary_min_distance=1))
+    labels = torch.tensor([0, 0, 1, 0, 2, 2, 1, 2])
+    class_logits = (nn.functional.one_hot(labels, NUM_CLASSES).T.float() * 5)[None, None]  # (1, 1, C, T)
+    boundary_logits = torch.full((1, 1, 1, 8), -5.0)
+    boundary_logits[..., 4] = 5.0
+    probabilities = model.probabilities((class_logits, boundary_logits), torch.ones(1, 1, 8))
+    assert probabilities.argmax(dim=1)[0].tolist() == [0, 0, 0, 0, 2, 2, 2, 2]
