@@ -41,7 +41,7 @@ from etesvs.engine import (  # noqa: E402
     unwrap_model,
 )
 from etesvs.errors import EtesvsError, run_main  # noqa: E402
-from etesvs.io import atomic_path, read_yaml, write_json  # noqa: E402
+from etesvs.io import atomic_path, read_json, read_yaml, write_json  # noqa: E402
 from etesvs.losses import boundary_pos_weight_from_counts, class_weights_from_counts  # noqa: E402
 
 LOSS_KEYS = {"smoothing_weight", "boundary_weight", "similarity_sigma"}
@@ -219,11 +219,19 @@ def _run(args: argparse.Namespace, dist) -> None:
     flops_length = max(int(np.median(test_lengths)) // args.sample_rate, 1)
     step_flops = flops_per_frame(network, in_channels=model_args["in_channels"], length=flops_length)
     attrs = datasets["train"].attrs
+    # Two-stage cost = feature extractor + temporal model, per frame, so that the rows of the summary
+    # compare end to end with the streaming model (the extractor's numbers come from extract_features).
+    extractor_file = args.features.parent / "info.json"
+    extractor = read_json(extractor_file) if extractor_file.is_file() else {}
+    temporal_params, temporal_flops = count_parameters(network), step_flops / args.sample_rate
     write_json(args.predictions / "model.json", {
         "model": args.model,
-        "params": count_parameters(network),
-        # Temporal model only, per frame of the video; the feature extractor's FLOPs are added by evaluate.
-        "flops_per_frame": step_flops / args.sample_rate,
+        "params": temporal_params + int(extractor.get("params") or 0),
+        "flops_per_frame": temporal_flops + float(extractor.get("flops_per_frame") or 0.0),
+        "temporal_params": temporal_params,
+        "temporal_flops_per_frame": temporal_flops,
+        "extractor_params": extractor.get("params"),
+        "extractor_flops_per_frame": extractor.get("flops_per_frame"),
         "flops_per_model_step": step_flops,
         "flops_input_length": flops_length,
         "sample_rate": args.sample_rate,

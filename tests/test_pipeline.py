@@ -26,7 +26,10 @@ TINY = [
     "demo.height=48",
     "dataset.image_size=48",
     "frames.workers=2",
+    "features.crop_size=32",
+    "temporal.epochs=2",
 ]
+MODELS = ["mstcn", "asrf", "asformer", "frame_classifier"]
 PROJECT_FILES = ["etesvs", "stages", "conf", "dvc.yaml", ".dvcignore", "pyproject.toml"]
 
 
@@ -57,7 +60,9 @@ def repo(tmp_path_factory) -> Path:
 
 def test_every_output_exists(repo):
     stages = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    assert {"make_demo_data", "convert_labels", "extract_frames"} <= set(stages)
+    expected = {"make_demo_data", "convert_labels", "extract_frames", "extract_features", "summarize"}
+    expected |= {f"train_temporal@{m}" for m in MODELS} | {f"evaluate@{m}" for m in MODELS}
+    assert expected <= set(stages)
     for name, stage in stages.items():
         for out in stage.get("outs", []):
             assert (repo / out["path"]).exists(), f"{name}: {out['path']} missing"
@@ -87,3 +92,41 @@ def test_raw_labels_and_frames_agree(repo):
 def test_repro_again_is_a_no_op(repo):
     result = run(["dvc", "status"], repo)
     assert result.returncode == 0 and "up to date" in result.stdout, result.stdout
+
+
+def test_features_predictions_and_reports(repo):
+    import h5py
+
+    from etesvs.data.labels import load_label_info
+
+    info = load_label_info(repo / "data" / "labels")
+    with h5py.File(repo / "data" / "features" / "features.h5", "r") as features:
+        for video in info.train + info.test:
+            assert features[video].shape == (info.num_frames[video], 1024)
+    extractor = json.loads((repo / "reports" / "extract_features.json").read_text())
+    assert extractor["backbone_pretrained"] is False and extractor["flops_per_frame"] > 0
+    for model in MODELS:
+        with h5py.File(repo / "data" / "predictions" / model / "probs.h5", "r") as probs:
+            assert sorted(probs) == sorted(info.test)
+            for video in info.test:
+                rows = probs[video][()]
+                assert rows.shape == (info.num_frames[video], info.num_classes)
+                assert abs(rows.sum(1) - 1).max() < 1e-4
+        metrics = json.loads((repo / "reports" / model / "metrics.json").read_text())
+        for key in ("acc", "edit", "f1_10", "f1_25", "f1_50", "map_50", "map_avg", "auc"):
+            assert 0 <= metrics[key] <= 100, (model, key)
+        assert metrics["params"] > extractor["params"], "two-stage cost includes the feature extractor"
+        pictures = sorted((repo / "reports" / model / "segments").glob("*.png"))
+        assert len(pictures) == len(info.test)
+        curves = (repo / "reports" / model / "train" / "curves.csv").read_text().splitlines()
+        assert curves[0].startswith("epoch,") and len(curves) == 1 + 2
+    summary = (repo / "reports" / "summary.md").read_text()
+    for model in MODELS:
+        assert f"| {model} |" in summary
+
+
+def test_metrics_show_lists_every_model(repo):
+    result = run(["dvc", "metrics", "show"], repo)
+    assert result.returncode == 0, result.stderr
+    for model in MODELS:
+        assert f"reports/{model}/metrics.json" in result.stdout
