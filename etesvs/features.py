@@ -170,12 +170,15 @@ def calibrate_batch_norm(
         norm.reset_running_stats()
         norm.momentum = None  # cumulative average over the calibration clips
     model.train()
+    clips = []
+    for video in sorted(videos)[:num_clips]:
+        with FrameReader(frames_path(frames_dir, video)) as reader:
+            frames = read_clamped(reader, 0, clip_length)  # (T, 3, H, W) uint8, short videos padded
+        clips.append(preprocess(frames, crop_size=config.crop_size).permute(1, 0, 2, 3))  # -> (3, T, H, W)
+    if len(clips) == 1:  # one batch of two, so that even a 1x1x1 map has two values per channel
+        clips.append(clips[0].flip(-1))
     with torch.no_grad():
-        for video in sorted(videos)[:num_clips]:
-            with FrameReader(frames_path(frames_dir, video)) as reader:
-                frames = reader.read(0, min(clip_length, reader.num_frames))  # (T, 3, H, W) uint8
-            clip = preprocess(frames, crop_size=config.crop_size).permute(1, 0, 2, 3)  # (T,3,H,W) -> (3,T,H,W)
-            model(clip[None])
+        model(torch.stack(clips))  # (B, 3, T, H, W): one pass sets every layer's statistics
     model.eval()
     return Backbone(model=model, weights_hash=f"{backbone.weights_hash}-bn-calibrated{num_clips}x{clip_length}",
                     pretrained=False)

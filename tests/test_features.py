@@ -388,3 +388,27 @@ def test_import_stage_writes_features_and_info(tmp_path, dataset):
     assert _run_stage("import_features", argv) == 0
     assert {video: array.shape for video, array in read_store(out).items()} == {v: (c, 2048) for v, c in COUNTS.items()}
     assert json.loads((out.parent / "info.json").read_text())["backbone_pretrained"] is True
+
+
+def test_batch_norm_calibration_normalises_a_random_backbone(dataset):
+    from etesvs.features import build_backbone, calibrate_batch_norm
+
+    frames_dir, _ = dataset
+    random = build_backbone(None, seed=0)
+    first = random.model.Conv3d_1a_7x7.bn
+    assert torch.equal(first.running_mean, torch.zeros_like(first.running_mean))
+    calibrated = calibrate_batch_norm(random, frames_dir, ["v1", "v3"], TINY, num_clips=2, clip_length=8)
+    assert calibrated.weights_hash == "random-init-seed0-bn-calibrated2x8" and not calibrated.pretrained
+    assert not calibrated.model.training
+    assert first.running_mean.abs().sum() > 0 and not torch.allclose(first.running_var, torch.ones_like(first.running_var))
+    # Each calibrated layer's output is close to zero mean, unit variance on the calibration clips.
+    with FrameReader(frames_path(frames_dir, "v1")) as reader:
+        clip = features_module.preprocess(features_module.read_clamped(reader, 0, 8), crop_size=None)
+    outputs = {}
+    handle = first.register_forward_hook(lambda module, inputs, output: outputs.setdefault("bn", output))
+    with torch.no_grad():
+        calibrated.model(clip.permute(1, 0, 2, 3)[None])  # (T,3,H,W) -> (1,3,T,H,W)
+    handle.remove()
+    assert outputs["bn"].mean().abs() < 0.5 and 0.3 < outputs["bn"].std() < 2.0
+    pretrained = features_module.Backbone(model=random.model, weights_hash="abc", pretrained=True)
+    assert calibrate_batch_norm(pretrained, frames_dir, ["v1"], TINY) is pretrained
