@@ -1,0 +1,440 @@
+"""The end-to-end streaming segmentation model (ETESVS): MobileNetV2 + ConvLSTM memory + temporal-convolution head.
+
+A video is seen as a stream of windows of ``T`` frames (after subsampling by the dataset's sample rate). For every
+window the model
+
+1. runs the frames through ``torchvision.models.mobilenet_v2(...).features`` (optionally with a TSM-style temporal
+   shift between the frames of the window),
+2. reduces the 1280-channel feature map with a 1x1 convolution and feeds it, frame by frame, to a ConvLSTM whose
+   state is carried from one window to the next of the same video (the memory),
+3. pools the reduced features and the memory's hidden state over space and labels every frame with a single-stage
+   dilated TCN, either window-local (``head="tcn"``) or causal with a cache of the previous windows' last frames
+   (``head="causal_tcn"``), so that outputs at the start of a window see the past.
+
+State crosses windows only through the explicit :class:`StreamState` returned by ``forward`` and passed back in;
+it is returned detached, so gradients never flow into a previous window (truncated back-propagation through
+time), and memory does not grow with the length of the video.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torchvision
+from torch import nn
+from torch.nn import functional as F
+from torchvision.models.mobilenetv2 import InvertedResidual
+
+from etesvs.errors import EtesvsError
+from etesvs.models.tcn import SingleStageTCN
+
+HEADS = ("tcn", "causal_tcn")
+NORMS = ("batch", "group")
+SHIFT_DIVISOR = 8  # 1/8 of the channels shift forward in time, 1/8 backward (as in TSM)
+IGNORE_INDEX = -100
+
+
+class StreamState(NamedTuple):
+    """What the model remembers between two windows of the same videos (B rows, one per video).
+
+    Attributes:
+        hidden: (B, M, h, w) ConvLSTM hidden state.
+        cell: (B, M, h, w) ConvLSTM cell state.
+        head_inputs: (B, D, K) inputs of the causal head at the last K frames seen (K = 0 for the window-local head).
+        head_mask: (B, K) bool, True where ``head_inputs`` holds a real frame of the current video.
+    """
+
+    hidden: torch.Tensor
+    cell: torch.Tensor
+    head_inputs: torch.Tensor
+    head_mask: torch.Tensor
+
+    def detach(self) -> "StreamState":
+        return StreamState(*(tensor.detach() for tensor in self))
+
+    def reset(self, rows: torch.Tensor) -> "StreamState":
+        """Forget everything for the rows where ``rows`` (B,) bool is True (the first window of a new video)."""
+        keep = (~rows).to(self.hidden.dtype)
+        return StreamState(
+            hidden=self.hidden * keep[:, None, None, None],
+            cell=self.cell * keep[:, None, None, None],
+            head_inputs=self.head_inputs * keep.to(self.head_inputs.dtype)[:, None, None],
+            head_mask=self.head_mask & ~rows[:, None],
+        )
+
+
+def temporal_shift(x: torch.Tensor, num_frames: int, divisor: int = SHIFT_DIVISOR) -> torch.Tensor:
+    """Shift 1/divisor of the channels one frame forward in time and 1/divisor one frame backward (TSM).
+
+    Frames outside the window are zeros, so a window sees no other window through the shift.
+
+    Args:
+        x: (N * num_frames, C, H, W), the frames of N clips one after the other.
+
+    Returns:
+        Same shape; channels [0, C/d) of frame t come from frame t - 1, channels [C/d, 2C/d) from frame t + 1.
+    """
+    total, channels, height, width = x.shape
+    clips = x.view(total // num_frames, num_frames, channels, height, width)  # (N*T, C, H, W) -> (N, T, C, H, W)
+    fold = channels // divisor
+    zeros = clips.new_zeros(clips.shape[0], 1, fold, height, width)
+    from_past = torch.cat([zeros, clips[:, :-1, :fold]], dim=1)
+    from_future = torch.cat([clips[:, 1:, fold : 2 * fold], zeros], dim=1)
+    shifted = torch.cat([from_past, from_future, clips[:, :, 2 * fold :]], dim=2)
+    return shifted.view(total, channels, height, width)  # (N, T, C, H, W) -> (N*T, C, H, W)
+
+
+def _group_norm(channels: int) -> nn.GroupNorm:
+    # Channel counts of MobileNetV2 are multiples of 8 at every width; gcd keeps odd widths working too.
+    return nn.GroupNorm(math.gcd(channels, 8), channels)
+
+
+class ConvLSTMCell(nn.Module):
+    """A convolutional LSTM cell: the four gates come from one 3x3 convolution of ``[input, hidden]``."""
+
+    def __init__(self, *, input_channels: int, hidden_channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.hidden_channels = hidden_channels
+        self.gates = nn.Conv2d(
+            input_channels + hidden_channels, 4 * hidden_channels, kernel_size, padding=kernel_size // 2
+        )
+        with torch.no_grad():  # forget gate starts open, so the memory is kept from the start of training
+            self.gates.bias.zero_()
+            self.gates.bias[hidden_channels : 2 * hidden_channels].fill_(1.0)
+
+    def forward(
+        self, x: torch.Tensor, hidden: torch.Tensor, cell: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step: x (B, I, h, w), hidden and cell (B, M, h, w) -> new hidden and cell (B, M, h, w)."""
+        gates = self.gates(torch.cat([x, hidden], dim=1))
+        input_gate, forget_gate, output_gate, candidate = gates.chunk(4, dim=1)  # (B, 4M, h, w) -> 4 x (B, M, h, w)
+        cell = torch.sigmoid(forget_gate) * cell + torch.sigmoid(input_gate) * torch.tanh(candidate)
+        hidden = torch.sigmoid(output_gate) * torch.tanh(cell)
+        return hidden, cell
+
+
+class StreamingSegmenter(nn.Module):
+    """ETESVS: a per-frame action segmenter that reads a video window by window.
+
+    forward(frames (B, T, 3, H, W) float normalised, mask (B, T) bool, state, reset (B,) bool) ->
+    (outputs, new_state) with outputs ``"head_logits"`` (B, C, T), ``"memory_logits"`` (B, C, T) and
+    ``"backbone_logits"`` (B, C), the mean over the window's valid frames of a per-frame classifier on the backbone.
+
+    Args:
+        num_classes: C.
+        width_mult: MobileNetV2 width multiplier (1.0 to load ImageNet weights).
+        temporal_shift: insert a temporal shift in the residual branch of MobileNetV2's residual blocks.
+        memory_channels: M, channels of the reduced feature map and of the ConvLSTM.
+        head: ``"tcn"`` (dilated TCN over the window only) or ``"causal_tcn"`` (causal, sees previous windows).
+        head_layers: dilated layers of the head (dilations 1, 2, ..., 2**(head_layers - 1)).
+        head_channels: feature maps of the head.
+        dropout: dropout of the head's layers.
+        norm: ``"batch"`` (MobileNetV2's BatchNorm) or ``"group"`` (GroupNorm: statistics per frame, so a batch
+            split across processes gives exactly the single-process result).
+    """
+
+    def __init__(
+        self,
+        *,
+        num_classes: int,
+        width_mult: float = 1.0,
+        temporal_shift: bool = False,
+        memory_channels: int = 64,
+        head: str = "causal_tcn",
+        head_layers: int = 6,
+        head_channels: int = 64,
+        dropout: float = 0.5,
+        norm: str = "batch",
+    ) -> None:
+        super().__init__()
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+        norm_layer = nn.BatchNorm2d if norm == "batch" else _group_norm
+        mobilenet = torchvision.models.mobilenet_v2(weights=None, width_mult=width_mult, norm_layer=norm_layer)
+        self.backbone = mobilenet.features
+        self.temporal_shift = temporal_shift
+        self.causal = head == "causal_tcn"
+        backbone_channels = self.backbone[-1].out_channels
+        self.backbone_classifier = nn.Linear(backbone_channels, num_classes)
+        self.reduce = nn.Sequential(nn.Conv2d(backbone_channels, memory_channels, kernel_size=1), nn.ReLU(inplace=True))
+        self.memory = ConvLSTMCell(input_channels=memory_channels, hidden_channels=memory_channels)
+        self.memory_classifier = nn.Linear(memory_channels, num_classes)
+        self.head = SingleStageTCN(
+            in_channels=2 * memory_channels,
+            num_classes=num_classes,
+            num_layers=head_layers,
+            num_feature_maps=head_channels,
+            dropout=dropout,
+            causal=self.causal,
+        )
+        # A causal head needs the last (receptive field - 1) frames of its input to label the first frame of a window
+        # as it would have inside one long sequence.
+        self.head_cache_frames = self.head.stack.receptive_field - 1 if self.causal else 0
+
+    def backbone_features(self, frames: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """MobileNetV2 features of clips of ``num_frames`` frames: (N * T, 3, H, W) -> (N * T, 1280, H/32, W/32)."""
+        x = frames
+        for layer in self.backbone:
+            if self.temporal_shift and isinstance(layer, InvertedResidual) and layer.use_res_connect:
+                # TSM's residual shift: the shortcut keeps the frame's own features, the branch mixes in its neighbours.
+                x = x + layer.conv(temporal_shift(x, num_frames))
+            else:
+                x = layer(x)
+        return x
+
+    def initial_state(self, batch_size: int, feature_size: tuple[int, int], *, device=None, dtype=None) -> StreamState:
+        """The state at the start of a video: all zeros, an empty head cache."""
+        channels = self.memory.hidden_channels
+        zeros = torch.zeros(batch_size, channels, *feature_size, device=device, dtype=dtype)
+        head_inputs = torch.zeros(batch_size, 2 * channels, self.head_cache_frames, device=device, dtype=dtype)
+        head_mask = torch.zeros(batch_size, self.head_cache_frames, dtype=torch.bool, device=device)
+        return StreamState(zeros, zeros.clone(), head_inputs, head_mask)
+
+    def forward(
+        self,
+        frames: torch.Tensor,
+        mask: torch.Tensor,
+        state: StreamState | None = None,
+        reset: torch.Tensor | None = None,
+    ) -> tuple[dict[str, torch.Tensor], StreamState]:
+        """Label one window of B videos.
+
+        Args:
+            frames: (B, T, 3, H, W) float, normalised; padding frames are ignored.
+            mask: (B, T) bool, True on the window's real frames.
+            state: the state returned for the previous window of the same videos, or None at their start.
+            reset: (B,) bool, True for rows whose video starts with this window (their state is cleared).
+
+        Returns:
+            ``{"head_logits": (B, C, T), "memory_logits": (B, C, T), "backbone_logits": (B, C)}`` (zero on padding
+            frames and on rows without frames) and the new state, detached from the graph.
+        """
+        batch_size, num_frames = frames.shape[:2]
+        mask = mask.to(torch.bool)
+        # Whatever a padding frame holds must not reach the real frames (through the temporal shift).
+        frames = frames * mask[:, :, None, None, None].to(frames.dtype)
+        # Rows whose video has ended carry no frame: skip their backbone pass. At least one row always runs, so
+        # that every parameter takes part in the graph (DistributedDataParallel needs that on every rank).
+        rows = mask.any(dim=1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            rows = torch.zeros(1, dtype=torch.long, device=frames.device)
+        active = frames.index_select(0, rows).flatten(0, 1)  # (B', T, 3, H, W) -> (B' * T, 3, H, W)
+        features = self.backbone_features(active, num_frames)
+        channels, height, width = features.shape[1:]
+        features = features.view(len(rows), num_frames, channels, height, width)  # (B'*T, ...) -> (B', T, ...)
+        features = features.new_zeros(batch_size, num_frames, channels, height, width).index_copy(0, rows, features)
+
+        frame_mask = mask.to(features.dtype)
+        valid_counts = frame_mask.sum(dim=1, keepdim=True)  # (B, 1)
+        pooled = features.mean(dim=(3, 4))  # (B, T, 1280, h, w) -> (B, T, 1280)
+        frame_scores = self.backbone_classifier(pooled)  # (B, T, C)
+        backbone_logits = (frame_scores * frame_mask[:, :, None]).sum(dim=1) / valid_counts.clamp(min=1.0)
+
+        reduced = self.reduce(features.flatten(0, 1))  # (B*T, 1280, h, w) -> (B*T, M, h, w)
+        reduced = reduced.view(batch_size, num_frames, *reduced.shape[1:])  # (B*T, M, h, w) -> (B, T, M, h, w)
+
+        if state is None:
+            state = self.initial_state(batch_size, (height, width), device=frames.device, dtype=reduced.dtype)
+        state = state.detach()
+        if reset is not None:
+            state = state.reset(reset.to(device=frames.device, dtype=torch.bool))
+        hidden, cell = state.hidden.to(reduced.dtype), state.cell.to(reduced.dtype)
+        hidden_per_frame = []
+        for t in range(num_frames):
+            new_hidden, new_cell = self.memory(reduced[:, t], hidden, cell)
+            # Padding frames leave the memory as it was.
+            keep = mask[:, t, None, None, None]
+            hidden = torch.where(keep, new_hidden, hidden)
+            cell = torch.where(keep, new_cell, cell)
+            hidden_per_frame.append(hidden.mean(dim=(2, 3)))  # (B, M, h, w) -> (B, M)
+        memory_features = torch.stack(hidden_per_frame, dim=1)  # T x (B, M) -> (B, T, M)
+        memory_logits = self.memory_classifier(memory_features) * frame_mask[:, :, None]  # (B, T, C)
+
+        head_inputs = torch.cat([reduced.mean(dim=(3, 4)), memory_features], dim=2)  # (B, T, 2M)
+        head_inputs = head_inputs.transpose(1, 2) * frame_mask[:, None, :]  # (B, T, 2M) -> (B, 2M, T)
+        if self.causal:
+            sequence = torch.cat([state.head_inputs.to(head_inputs.dtype), head_inputs], dim=2)  # (B, 2M, K + T)
+            sequence_mask = torch.cat([state.head_mask, mask], dim=1)  # (B, K + T)
+            head_logits = self.head(sequence, sequence_mask[:, None, :].to(sequence.dtype))[:, :, -num_frames:]
+            cache = self.head_cache_frames
+            new_head_inputs = sequence[:, :, sequence.shape[2] - cache :]
+            new_head_mask = sequence_mask[:, sequence_mask.shape[1] - cache :]
+        else:
+            head_logits = self.head(head_inputs, frame_mask[:, None, :])
+            new_head_inputs, new_head_mask = state.head_inputs, state.head_mask
+
+        outputs = {
+            "head_logits": head_logits,
+            "memory_logits": memory_logits.transpose(1, 2),  # (B, T, C) -> (B, C, T)
+            "backbone_logits": backbone_logits,
+        }
+        new_state = StreamState(hidden, cell, new_head_inputs, new_head_mask).detach()
+        return outputs, new_state
+
+
+def load_pretrained_backbone(model: StreamingSegmenter, source: str) -> str:
+    """Load ImageNet weights into ``model.backbone``; returns a description of where they came from.
+
+    ``source`` is ``""`` (keep the random initialisation), ``"torchvision"`` (torchvision's
+    ``MobileNet_V2_Weights.IMAGENET1K_V1``, downloaded once into torch's cache) or the path of a torchvision
+    MobileNetV2 state dict (keys ``features.*``; other keys such as ``classifier.*`` are ignored), read with
+    ``weights_only=True``. Raises :class:`EtesvsError` when the weights can't be had or don't fit.
+    """
+    if not source:
+        return "random initialisation"
+    if source == "torchvision":
+        weights = torchvision.models.MobileNet_V2_Weights.IMAGENET1K_V1
+        try:
+            state = weights.get_state_dict(progress=False)
+        except Exception as error:  # no network, proxy, full disk: all mean "not available here"
+            raise EtesvsError(
+                f"torchvision MobileNetV2 ImageNet weights could not be downloaded ({type(error).__name__}: {error}); "
+                "give the path of a local state dict as the pretrained source, or leave it empty for random init"
+            ) from None
+        origin = f"torchvision {weights}"
+    else:
+        path = Path(source)
+        if not path.is_file():
+            raise EtesvsError(f"{path}: pretrained MobileNetV2 weights not found")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise EtesvsError(f"{path}: cannot read pretrained weights ({type(error).__name__}: {error})") from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        origin = str(path)
+    if not isinstance(state, dict):
+        raise EtesvsError(f"{source}: pretrained weights are not a state dict")
+    features = {key.removeprefix("features."): value for key, value in state.items() if key.startswith("features.")}
+    if not features:
+        raise EtesvsError(f"{source}: no 'features.*' keys, not a torchvision MobileNetV2 state dict")
+    try:
+        model.backbone.load_state_dict(features, strict=True)
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[1:2] or [str(error)]
+        raise EtesvsError(
+            f"{source}: weights do not fit the backbone (ImageNet weights need width_mult 1.0 and norm 'batch'): "
+            f"{first[0].strip()}"
+        ) from None
+    return origin
+
+
+def streaming_loss(
+    outputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    frame_weights: torch.Tensor,
+    window_weights: torch.Tensor,
+    smoothing_weight: float = 0.15,
+    clamp: float = 16.0,
+) -> dict[str, torch.Tensor]:
+    """The ETESVS loss of one window, as a weighted sum over the rows (videos) of the batch.
+
+    Per row: cross-entropy of the head plus ``smoothing_weight`` x truncated MSE of neighbouring log-probabilities
+    (MS-TCN's T-MSE, clamped at ``clamp``) plus cross-entropy of the memory branch, summed over the window's frames
+    and multiplied by ``frame_weights``; plus the soft-label cross-entropy between the backbone's window-mean
+    logits and the label distribution of the window's valid frames, multiplied by ``window_weights``. With
+    ``frame_weights = 1 / (B x frames of the video)`` and ``window_weights = 1 / (B x windows of the video)``
+    the sum over all windows is the mean over videos of each video's mean loss, whatever the split of the
+    videos over windows, batches or processes.
+
+    Args:
+        outputs: the model's outputs for the window (``head_logits`` and ``memory_logits`` (B, C, T),
+            ``backbone_logits`` (B, C)).
+        labels: (B, T) int64 class ids (anything on padding frames).
+        mask: (B, T) bool, True on valid frames.
+        frame_weights: (B,) float.
+        window_weights: (B,) float.
+
+    Returns:
+        ``"loss"`` (scalar to back-propagate) and its detached parts ``"head"``, ``"smoothing"``, ``"memory"``,
+        ``"backbone"`` (each already weighted by the row weights, before ``smoothing_weight``).
+    """
+    head_logits = outputs["head_logits"].float()
+    num_classes = head_logits.shape[1]
+    targets = labels.masked_fill(~mask, IGNORE_INDEX)
+    valid = mask.to(head_logits.dtype)
+    frame_weights = frame_weights.to(head_logits.dtype)
+    window_weights = window_weights.to(head_logits.dtype)
+
+    def frame_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+        per_frame = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")  # (B, T)
+        return (per_frame.sum(dim=1) * frame_weights).sum()
+
+    head = frame_cross_entropy(head_logits)
+    memory = frame_cross_entropy(outputs["memory_logits"])
+
+    log_probs = F.log_softmax(head_logits, dim=1)
+    squared = (log_probs[:, :, 1:] - log_probs.detach()[:, :, :-1]).pow(2).clamp(max=clamp)  # (B, C, T-1)
+    pair_mask = valid[:, 1:] * valid[:, :-1]  # (B, T-1)
+    smoothing = ((squared.sum(dim=1) * pair_mask).sum(dim=1) / num_classes * frame_weights).sum()
+
+    # Soft target of the backbone branch: the share of each class among the window's valid frames.
+    one_hot = F.one_hot(labels.clamp(min=0), num_classes).to(head_logits.dtype) * valid[:, :, None]  # (B, T, C)
+    counts = valid.sum(dim=1)  # (B,)
+    distribution = one_hot.sum(dim=1) / counts.clamp(min=1.0)[:, None]  # (B, C)
+    backbone_log_probs = F.log_softmax(outputs["backbone_logits"].float(), dim=1)
+    has_frames = (counts > 0).to(head_logits.dtype)
+    backbone = (-(distribution * backbone_log_probs).sum(dim=1) * has_frames * window_weights).sum()
+
+    loss = head + smoothing_weight * smoothing + memory + backbone
+    return {
+        "loss": loss,
+        "head": head.detach(),
+        "smoothing": smoothing.detach(),
+        "memory": memory.detach(),
+        "backbone": backbone.detach(),
+    }
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
+
+
+def flops_per_frame(model: StreamingSegmenter, *, frames_per_window: int, image_size: int, window: int) -> float | None:
+    """Multiply-accumulate count (fvcore's FLOPs) of backbone + memory + head on one window, per video frame.
+
+    The window of ``frames_per_window`` input frames (``window`` video frames at the sample rate) is traced once;
+    returns None when fvcore is missing or cannot trace the model.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # fvcore's import touches deprecated TorchScript APIs
+            from fvcore.nn import FlopCountAnalysis
+    except ImportError:
+        return None
+
+    class _OneWindow(nn.Module):
+        def __init__(self, inner: StreamingSegmenter) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            outputs, _ = self.inner(frames, mask)
+            return outputs["head_logits"]
+
+    parameter = next(model.parameters())
+    frames = torch.zeros(1, frames_per_window, 3, image_size, image_size, device=parameter.device)
+    mask = torch.ones(1, frames_per_window, dtype=torch.bool, device=parameter.device)
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracing warns about deprecated TorchScript and Python control flow
+            analysis = FlopCountAnalysis(_OneWindow(model), (frames, mask))
+            analysis.unsupported_ops_warnings(False)
+            analysis.uncalled_modules_warnings(False)
+            total = float(analysis.total())
+    except Exception:  # tracing is best effort: a FLOP count is a report, not a reason to fail a run
+        return None
+    finally:
+        model.train(was_training)
+    return total / window

@@ -1,0 +1,363 @@
+"""Online action segmentation of a video file with a trained streaming model.
+
+    python -m etesvs.stream VIDEO --checkpoint models/etesvs/best.pt [--fps F] [--window N] [--out DIR]
+
+ffmpeg decodes the video (any format it reads) straight to raw RGB frames at the model's frame rate and input size;
+the model labels them window by window, carrying only its constant-size state from one window to the next. Each
+segment is printed as a JSON line as soon as it is final (when the label changes), ``--windows`` also prints every
+window's labels, and a last line lists the segments of the whole video. Nothing grows with the length of the video:
+the segments are spooled to a file, and ``--out DIR`` writes ``labels.txt`` (one class name per frame),
+``segments.jsonl`` and ``segments.png`` (a coloured bar with a legend) incrementally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import subprocess
+import sys
+import tempfile
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from etesvs.engine import load_checkpoint
+from etesvs.errors import EtesvsError, run_main
+from etesvs.io import atomic_path
+from etesvs.models.streaming import StreamingSegmenter
+
+REQUIRED_KEYS = ("model", "model_args", "classes", "fps", "window", "sample_rate", "image_size", "normalization")
+
+
+@dataclass(frozen=True)
+class StreamModel:
+    """A streaming model with everything needed to feed it: classes, frame rate, window, input size, normalisation."""
+
+    model: StreamingSegmenter
+    classes: tuple[str, ...]
+    background_ids: tuple[int, ...]
+    fps: float
+    window: int
+    sample_rate: int
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def load_stream_model(path: str | Path, device: str | torch.device = "cpu") -> StreamModel:
+    """Rebuild the model of a self-describing checkpoint (``torch.load(weights_only=True)``) in eval mode."""
+    checkpoint = load_checkpoint(path, map_location=device)
+    missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
+    if missing:
+        raise EtesvsError(f"{path}: not a streaming-model checkpoint (missing {', '.join(missing)})")
+    try:
+        model = StreamingSegmenter(**checkpoint["model_args"])
+        model.load_state_dict(checkpoint["model"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        reason = str(error).splitlines()[0]
+        raise EtesvsError(f"{path}: the weights do not fit the model they describe ({reason})") from None
+    model.to(device).eval()
+    normalization = checkpoint["normalization"]
+    return StreamModel(
+        model=model,
+        classes=tuple(checkpoint["classes"]),
+        background_ids=tuple(checkpoint.get("background_ids", ())),
+        fps=float(checkpoint["fps"]),
+        window=int(checkpoint["window"]),
+        sample_rate=int(checkpoint["sample_rate"]),
+        image_size=int(checkpoint["image_size"]),
+        mean=tuple(normalization["mean"]),
+        std=tuple(normalization["std"]),
+    )
+
+
+def _ffmpeg_exe() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def read_frames(video: str | Path, *, fps: float, image_size: int, chunk: int) -> Iterator[np.ndarray]:
+    """Decode ``video`` with ffmpeg at ``fps``, squeezed to ``image_size`` x ``image_size``, ``chunk`` frames at a time.
+
+    ffmpeg runs as a subprocess with an argument list (no shell) and writes raw RGB to a pipe; only one chunk is in
+    memory at a time. Yields uint8 arrays (n, S, S, 3), n = ``chunk`` except for the last. Raises
+    :class:`EtesvsError` naming the file and ffmpeg's reason when it can't be decoded.
+    """
+    video = Path(video)
+    if not video.is_file():
+        raise EtesvsError(f"{video}: video file not found")
+    command = [
+        _ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error",
+        "-i", str(video), "-an", "-sn",
+        "-vf", f"fps={fps:g},scale={image_size}:{image_size}:flags=bilinear",
+        "-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:1",
+    ]  # fmt: skip
+    process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    errors: deque[bytes] = deque(maxlen=64)  # ffmpeg's last messages, bounded
+    drain = threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True)
+    drain.start()
+    frame_bytes = image_size * image_size * 3
+    decoded = 0
+    completed = False
+    try:
+        while True:
+            data = process.stdout.read(frame_bytes * chunk)
+            count = len(data) // frame_bytes
+            if count:
+                decoded += count
+                frames = np.frombuffer(bytearray(data[: count * frame_bytes]), dtype=np.uint8)  # writable copy
+                yield frames.reshape(count, image_size, image_size, 3)  # (n*S*S*3,) -> (n, S, S, 3)
+            if len(data) < frame_bytes * chunk:
+                break
+        completed = True
+    finally:
+        process.stdout.close()
+        if not completed:  # the reader stopped early: don't leave ffmpeg running
+            process.kill()
+        code = process.wait()
+        drain.join()
+    message = " ".join(b"".join(errors).decode("utf-8", errors="replace").split())
+    if code != 0:
+        raise EtesvsError(f"{video}: ffmpeg could not decode it: {message or f'exit status {code}'}")
+    if decoded == 0:
+        raise EtesvsError(f"{video}: no video frames decoded{f' ({message})' if message else ''}")
+
+
+@dataclass(frozen=True)
+class WindowLabels:
+    """The labels of one window: frames ``start .. start + len(labels) - 1`` at the model's frame rate."""
+
+    index: int
+    start: int
+    labels: np.ndarray  # (n,) int64
+
+
+@torch.inference_mode()
+def stream_labels(
+    stream_model: StreamModel, video: str | Path, *, window: int | None = None, fps: float | None = None
+) -> Iterator[WindowLabels]:
+    """Label ``video`` window by window with constant memory: yields one :class:`WindowLabels` per window."""
+    window = window or stream_model.window
+    sample_rate = stream_model.sample_rate
+    if window % sample_rate:
+        raise EtesvsError(f"window {window} is not a multiple of the model's sample rate {sample_rate}")
+    model = stream_model.model
+    device = next(model.parameters()).device
+    mean = torch.tensor(stream_model.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(stream_model.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    frames_per_window = window // sample_rate
+    size = stream_model.image_size
+    state = None
+    start = 0
+    chunks = read_frames(video, fps=fps or stream_model.fps, image_size=size, chunk=window)
+    for index, chunk in enumerate(chunks):
+        count = len(chunk)
+        fed = torch.from_numpy(chunk[::sample_rate]).to(device)  # (n', S, S, 3) uint8
+        fed = fed.permute(0, 3, 1, 2)  # (n', S, S, 3) -> (n', 3, S, S)
+        fed = fed.to(torch.float32).div_(255.0).sub_(mean).div_(std)
+        frames = torch.zeros(1, frames_per_window, 3, size, size, device=device)
+        frames[0, : len(fed)] = fed
+        mask = torch.zeros(1, frames_per_window, dtype=torch.bool, device=device)
+        mask[0, : len(fed)] = True
+        reset = torch.tensor([index == 0], device=device)
+        outputs, state = model(frames, mask, state, reset)
+        predicted = outputs["head_logits"][0].argmax(dim=0).cpu()  # (C, T') -> (T',)
+        labels = predicted[torch.arange(count) // sample_rate].numpy().astype(np.int64)  # back to every frame
+        yield WindowLabels(index=index, start=start, labels=labels)
+        start += count
+
+
+class SegmentTracker:
+    """Turns a stream of per-frame labels into segments, each reported once it can no longer grow."""
+
+    def __init__(self) -> None:
+        self.label: int | None = None
+        self.start = 0
+        self.end = 0
+
+    def update(self, start: int, labels: np.ndarray) -> list[tuple[int, int, int]]:
+        """Add the labels of frames ``start ..``; returns the segments ``(label, start, end)`` that ended."""
+        finished = []
+        labels = np.asarray(labels)
+        if len(labels) == 0:
+            return finished
+        changes = np.flatnonzero(labels[1:] != labels[:-1]) + 1  # positions where a new run starts
+        run_starts = np.concatenate([[0], changes])
+        for run_start in run_starts:
+            label = int(labels[run_start])
+            if self.label is not None and label != self.label:
+                finished.append((self.label, self.start, start + int(run_start)))
+                self.start = start + int(run_start)
+            elif self.label is None:
+                self.start = start + int(run_start)
+            self.label = label
+        self.end = start + len(labels)
+        return finished
+
+    def finish(self) -> list[tuple[int, int, int]]:
+        """The last segment (at the end of the stream)."""
+        if self.label is None:
+            return []
+        segment = (self.label, self.start, self.end)
+        self.label = None
+        return [segment]
+
+
+def segment_record(segment: tuple[int, int, int], classes: Sequence[str], fps: float) -> dict:
+    label, start, end = segment
+    return {
+        "label": classes[label],
+        "start_frame": start,
+        "end_frame": end,
+        "start_time": round(start / fps, 3),
+        "end_time": round(end / fps, 3),
+    }
+
+
+def save_label_bar(path: str | Path, labels: np.ndarray, *, classes: Sequence[str], fps: float,
+                   background_ids: Sequence[int] = (), title: str = "") -> None:
+    """A coloured bar of per-frame labels with a legend, as PNG (matplotlib's Agg canvas), written atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.colors import ListedColormap
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    from etesvs.viz import class_colors
+
+    colors = class_colors(len(classes), background_ids)
+    present = np.flatnonzero(np.bincount(labels, minlength=len(classes)))
+    rows = max(1, int(np.ceil(len(present) / 4)))
+    figure = Figure(figsize=(12, 1.6 + 0.22 * rows), layout="constrained")
+    FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(2, 1, height_ratios=(1.0, 0.32 * rows + 0.2))
+    bar = figure.add_subplot(grid[0])
+    duration = max(len(labels), 1) / fps
+    bar.imshow(
+        labels[None, :],  # (T,) -> (1, T): one row of pixels stretched into a bar
+        aspect="auto", cmap=ListedColormap(colors), vmin=-0.5, vmax=len(classes) - 0.5,
+        interpolation="nearest", extent=(0.0, duration, 0.0, 1.0),
+    )  # fmt: skip
+    bar.set_yticks([])
+    bar.set_xlabel("time (s)")
+    legend = figure.add_subplot(grid[1])
+    legend.axis("off")
+    legend.legend(
+        handles=[Patch(facecolor=colors[c], label=classes[c]) for c in present],
+        loc="upper center", ncol=4, fontsize="small", frameon=False,
+    )  # fmt: skip
+    figure.suptitle(title)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, format="png", dpi=100)
+
+
+def _emit(stream: IO[str], record: dict) -> None:
+    stream.write(json.dumps(record) + "\n")
+    stream.flush()
+
+
+def run_stream(
+    stream_model: StreamModel,
+    video: str | Path,
+    *,
+    out_dir: str | Path | None = None,
+    window: int | None = None,
+    fps: float | None = None,
+    print_windows: bool = False,
+    stdout: IO[str] = sys.stdout,
+) -> dict:
+    """Stream ``video``: JSON lines on ``stdout`` as segments become final, the whole video's segments at the end.
+
+    Returns a small summary (frames, segments, windows) without the labels themselves.
+    """
+    classes = stream_model.classes
+    rate = fps or stream_model.fps
+    tracker = SegmentTracker()
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    # With --out, labels and segments go to temporary files renamed into place at the end; without, the segments
+    # are spooled to an anonymous temporary file.
+    labels_context = atomic_path(out_dir / "labels.txt") if out_dir is not None else contextlib.nullcontext()
+    spool_context = atomic_path(out_dir / "segments.jsonl") if out_dir is not None else contextlib.nullcontext()
+    frames = windows = segments = 0
+    with labels_context as labels_tmp, spool_context as spool_tmp:
+        if spool_tmp is None:
+            spool = tempfile.TemporaryFile("w+", encoding="utf-8")
+        else:
+            spool = open(spool_tmp, "w+", encoding="utf-8")
+        labels_file = open(labels_tmp, "w", encoding="utf-8") if labels_tmp is not None else None
+        try:
+            def finished(found: list[tuple[int, int, int]]) -> None:
+                nonlocal segments
+                for segment in found:
+                    record = segment_record(segment, classes, rate)
+                    _emit(stdout, {"event": "segment", **record})
+                    spool.write(json.dumps(record) + "\n")
+                    segments += 1
+
+            for item in stream_labels(stream_model, video, window=window, fps=fps):
+                windows += 1
+                frames = item.start + len(item.labels)
+                if print_windows:
+                    _emit(stdout, {"event": "window", "window": item.index, "start_frame": item.start,
+                                   "end_frame": frames, "labels": [classes[i] for i in item.labels]})  # fmt: skip
+                if labels_file is not None:
+                    labels_file.write("".join(classes[i] + "\n" for i in item.labels))
+                finished(tracker.update(item.start, item.labels))
+            finished(tracker.finish())
+            # The last line: every segment of the video, copied from the spool without holding them all.
+            spool.flush()
+            spool.seek(0)
+            stdout.write(json.dumps({"event": "video", "video": str(video), "num_frames": frames, "fps": rate})[:-1])
+            stdout.write(', "segments": [')
+            for number, line in enumerate(spool):
+                stdout.write((", " if number else "") + line.rstrip("\n"))
+            stdout.write("]}\n")
+            stdout.flush()
+        finally:
+            spool.close()
+            if labels_file is not None:
+                labels_file.close()
+    if out_dir is not None:
+        names = (out_dir / "labels.txt").read_text(encoding="utf-8").splitlines()
+        index = {name: i for i, name in enumerate(classes)}
+        labels = np.fromiter((index[name] for name in names), dtype=np.int64, count=len(names))
+        save_label_bar(out_dir / "segments.png", labels, classes=classes, fps=rate,
+                       background_ids=stream_model.background_ids, title=Path(video).name)  # fmt: skip
+    return {"frames": frames, "segments": segments, "windows": windows}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m etesvs.stream", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser.add_argument("video", type=Path, help="any video file ffmpeg can read")
+    parser.add_argument("--checkpoint", type=Path, required=True, help="a streaming-model checkpoint (best.pt)")
+    parser.add_argument("--fps", type=float, default=None, help="frames per second to label (default: the model's)")
+    parser.add_argument("--window", type=int, default=None, help="frames per window (default: the model's)")
+    parser.add_argument("--out", type=Path, default=None, help="directory for labels.txt, segments.jsonl, segments.png")
+    parser.add_argument("--windows", action="store_true", help="also print every window's labels")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.fps is not None and not args.fps > 0:
+        raise EtesvsError(f"--fps must be positive (got {args.fps})")
+    if args.window is not None and args.window < 1:
+        raise EtesvsError(f"--window must be positive (got {args.window})")
+    stream_model = load_stream_model(args.checkpoint, device=args.device)
+    summary = run_stream(stream_model, args.video, out_dir=args.out, window=args.window, fps=args.fps,
+                         print_windows=args.windows)  # fmt: skip
+    print(f"stream: {summary['frames']} frames, {summary['windows']} windows, {summary['segments']} segments"
+          + (f" -> {args.out}" if args.out else ""), file=sys.stderr)  # fmt: skip
+
+
+if __name__ == "__main__":
+    run_main(main)

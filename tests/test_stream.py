@@ -1,0 +1,141 @@
+"""Online inference (etesvs.stream): real videos through ffmpeg, incremental segments, bounded memory."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from etesvs.data.frames import ffmpeg_exe
+from etesvs.engine import save_checkpoint
+from etesvs.errors import EtesvsError
+from etesvs.models.streaming import StreamingSegmenter
+from etesvs.stream import SegmentTracker, load_stream_model, run_stream
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
+CLASSES = ["background", "wave", "point"]
+MODEL_ARGS = {"num_classes": 3, "width_mult": 0.35, "memory_channels": 8, "head": "causal_tcn", "head_layers": 3,
+              "head_channels": 8, "dropout": 0.0, "norm": "group"}  # fmt: skip
+
+
+def make_checkpoint(
+    path: Path, *, fps: float = 15.0, window: int = 16, sample_rate: int = 2, image_size: int = 32
+) -> Path:
+    """A self-describing checkpoint of a tiny randomly initialised model, as train_streaming writes one."""
+    torch.manual_seed(0)
+    model = StreamingSegmenter(**MODEL_ARGS)
+    save_checkpoint(
+        path, model=model, optimizer=None, epoch=1, model_args=MODEL_ARGS, classes=CLASSES, background_ids=[0],
+        fps=fps, window=window, sample_rate=sample_rate, image_size=image_size,
+        normalization={"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
+    )  # fmt: skip
+    return path
+
+
+def test_segment_tracker_reports_segments_once_final():
+    tracker = SegmentTracker()
+    assert tracker.update(0, np.array([0, 0, 1])) == [(0, 0, 2)]
+    assert tracker.update(3, np.array([1, 1, 1])) == []
+    assert tracker.update(6, np.array([2, 0])) == [(1, 2, 6), (2, 6, 7)]
+    assert tracker.finish() == [(0, 7, 8)]
+    assert tracker.finish() == []
+
+
+def test_stream_a_real_video(tmp_path, shared_data):
+    video = shared_data / "videos" / "mmaction2-demo.mp4"  # 280 frames at 28 fps: 10 s, 150 frames at 15 fps
+    checkpoint = make_checkpoint(tmp_path / "model.pt")
+    stdout = io.StringIO()
+    model = load_stream_model(checkpoint)
+    summary = run_stream(model, video, out_dir=tmp_path / "out", print_windows=True, stdout=stdout)
+    lines = [json.loads(line) for line in stdout.getvalue().splitlines()]
+    windows = [line for line in lines if line["event"] == "window"]
+    segments = [line for line in lines if line["event"] == "segment"]
+    assert lines[-1]["event"] == "video" and lines[-1]["segments"] == [
+        {key: value for key, value in segment.items() if key != "event"} for segment in segments
+    ]
+    frames = lines[-1]["num_frames"]
+    assert 145 <= frames <= 155 and summary["frames"] == frames
+    assert [w["start_frame"] for w in windows] == list(range(0, frames, 16))
+    # Segments tile the video, and agree with the per-frame labels written to --out.
+    assert segments[0]["start_frame"] == 0 and segments[-1]["end_frame"] == frames
+    assert all(a["end_frame"] == b["start_frame"] for a, b in zip(segments, segments[1:]))
+    labels = (tmp_path / "out" / "labels.txt").read_text().split("\n")[:-1]
+    assert len(labels) == frames and set(labels) <= set(CLASSES)
+    for segment in segments:
+        assert set(labels[segment["start_frame"] : segment["end_frame"]]) == {segment["label"]}
+    assert (tmp_path / "out" / "segments.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((tmp_path / "out" / "segments.jsonl").read_text().splitlines()) == len(segments)
+
+
+def test_stream_cli_on_an_mkv(tmp_path, shared_data):
+    video = sorted((shared_data / "videos" / "asl_gestures").glob("*.mkv"))[0]
+    checkpoint = make_checkpoint(tmp_path / "model.pt")
+    result = subprocess.run(
+        [sys.executable, "-m", "etesvs.stream", str(video), "--checkpoint", str(checkpoint),
+         "--fps", "10", "--window", "8"],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    final = json.loads(result.stdout.splitlines()[-1])
+    assert final["fps"] == 10 and 25 <= final["num_frames"] <= 45
+    assert final["segments"][-1]["end_frame"] == final["num_frames"]
+
+
+def test_stream_errors_name_the_file(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "model.pt")
+    with pytest.raises(EtesvsError, match="missing.mp4: video file not found"):
+        run_stream(load_stream_model(checkpoint), tmp_path / "missing.mp4", stdout=io.StringIO())
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video at all" * 100)
+    with pytest.raises(EtesvsError, match="broken.mp4: ffmpeg could not decode it"):
+        run_stream(load_stream_model(checkpoint), broken, stdout=io.StringIO())
+    torch.save({"model": {}, "epoch": 1}, tmp_path / "other.pt")
+    with pytest.raises(EtesvsError, match="other.pt: not a streaming-model checkpoint"):
+        load_stream_model(tmp_path / "other.pt")
+
+
+PEAK_MEMORY = """
+import io, resource, sys, tracemalloc
+import torch
+torch.set_num_threads(1)
+from etesvs.stream import load_stream_model, run_stream
+model = load_stream_model(sys.argv[1])
+tracemalloc.start()
+run_stream(model, sys.argv[2], stdout=io.StringIO())
+python_peak = tracemalloc.get_traced_memory()[1]
+print(python_peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+@pytest.mark.slow
+def test_memory_does_not_grow_with_the_video_length(tmp_path):
+    checkpoint = make_checkpoint(tmp_path / "model.pt", sample_rate=1, image_size=48, window=32)
+    peaks = {}
+    for seconds in (10, 150):  # 150 and 2250 frames at 15 fps
+        video = tmp_path / f"testsrc_{seconds}.mp4"
+        subprocess.run(
+            [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+             f"testsrc=size=96x64:rate=15:duration={seconds}", "-pix_fmt", "yuv420p", "-c:v", "libx264",
+             "-preset", "ultrafast", "-threads", "1", str(video)],
+            check=True, timeout=120,
+        )  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-c", PEAK_MEMORY, str(checkpoint), str(video)], capture_output=True, text=True,
+            cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        python_peak, rss_kib = map(int, result.stdout.split())
+        peaks[seconds] = (python_peak, rss_kib)
+    (short_python, short_rss), (long_python, long_rss) = peaks[10], peaks[150]
+    # The long video's 2100 extra frames would take 2100 x 48 x 48 x 3 bytes = 14.5 MB as uint8 if they were kept,
+    # and their labels as Python objects would show in the traced allocations.
+    assert long_python - short_python < 200_000, peaks
+    assert long_rss - short_rss < 8_000, peaks  # KiB

@@ -1,0 +1,368 @@
+"""The streaming model (ETESVS): model, loss, window sampling, training loop, stage and 2-process equivalence."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from etesvs.data.frames import write_frame_container
+from etesvs.data.windows import PADDING, LockstepWindowSampler, VideoWindows, lockstep_schedule
+from etesvs.io import write_json
+from etesvs.models.streaming import HEADS, StreamingSegmenter, load_pretrained_backbone, streaming_loss, temporal_shift
+from etesvs.streaming_engine import predict_probabilities, split_validation
+from etesvs.errors import EtesvsError
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+TINY = {"width_mult": 0.35, "memory_channels": 8, "head_layers": 3, "head_channels": 8}
+
+
+def tiny_model(**overrides) -> StreamingSegmenter:
+    torch.manual_seed(0)
+    return StreamingSegmenter(num_classes=4, **{**TINY, "dropout": 0.0, **overrides})
+
+
+def make_dataset(
+    root: Path, lengths: dict[str, int], *, size=(32, 40), train=None, test=None, classes=4
+) -> tuple[Path, Path]:
+    """Frame containers and a labels directory of videos whose colour follows the class (learnable, tiny)."""
+    rng = np.random.default_rng(0)
+    frames_dir, labels_dir = root / "frames", root / "labels"
+    frames_dir.mkdir(parents=True)
+    labels_dir.mkdir(parents=True)
+    palette = rng.integers(0, 256, size=(classes, 3))
+    with h5py.File(labels_dir / "labels.h5", "w") as handle:
+        for video, length in lengths.items():
+            labels = np.repeat(rng.integers(0, classes, size=length // 6 + 1), 6)[:length].astype(np.int64)
+            group = handle.create_group(video)
+            group.create_dataset("classes", data=labels)
+            group.create_dataset("boundaries", data=np.r_[1, labels[1:] != labels[:-1]].astype(np.uint8))
+            images = np.broadcast_to(palette[labels][:, None, None, :], (length, *size, 3))
+            noise = rng.integers(-20, 20, size=images.shape)
+            write_frame_container(frames_dir / f"{video}.h5", np.clip(images + noise, 0, 255).astype(np.uint8), 15.0)
+    videos = list(lengths)
+    write_json(
+        labels_dir / "info.json",
+        {"dataset": "tiny", "fps": 15.0, "classes": [f"class{i}" for i in range(classes)], "background": ["class0"],
+         "background_ids": [0], "split": 1, "train": train or videos[:-1], "test": test or videos[-1:],
+         "num_frames": lengths},
+    )  # fmt: skip
+    return frames_dir, labels_dir
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Model
+
+
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("shift", [False, True])
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_shapes_masking_and_gradients(head, shift, norm):
+    model = tiny_model(head=head, temporal_shift=shift, norm=norm)
+    frames = torch.randn(3, 5, 3, 32, 32)
+    mask = torch.ones(3, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    mask[2] = False  # a video that has ended
+    outputs, state = model(frames, mask)
+    assert outputs["head_logits"].shape == (3, 4, 5)
+    assert outputs["memory_logits"].shape == (3, 4, 5)
+    assert outputs["backbone_logits"].shape == (3, 4)
+    assert state.hidden.shape == (3, 8, 1, 1) and not state.hidden.requires_grad
+    assert state.head_inputs.shape[2] == (2 * (1 + 2 + 4) if head == "causal_tcn" else 0)
+    # Padding frames and ended rows give exactly zero.
+    assert torch.all(outputs["head_logits"][1, :, 3:] == 0) and torch.all(outputs["head_logits"][2] == 0)
+    assert torch.all(outputs["backbone_logits"][2] == 0)
+    labels = torch.randint(0, 4, (3, 5))
+    loss = streaming_loss(outputs, labels, mask, frame_weights=torch.full((3,), 0.2), window_weights=torch.ones(3))
+    loss["loss"].backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+    assert model.backbone[0][0].weight.grad.abs().sum() > 0
+    assert model.memory.gates.weight.grad.abs().sum() > 0
+
+
+def test_padding_content_does_not_matter():
+    model = tiny_model(temporal_shift=True).eval()
+    frames = torch.randn(2, 6, 3, 32, 32)
+    mask = torch.ones(2, 6, dtype=torch.bool)
+    mask[0, 4:] = False
+    garbage = frames.clone()
+    garbage[0, 4:] = torch.randn(2, 3, 32, 32) * 100
+    with torch.no_grad():
+        first, _ = model(frames, mask)
+        second, _ = model(garbage, mask)
+    for key in first:
+        torch.testing.assert_close(first[key], second[key])
+
+
+def test_temporal_shift_moves_channels_between_neighbours():
+    x = torch.arange(2 * 3 * 16, dtype=torch.float32).view(2 * 3, 16, 1, 1)  # 2 clips of 3 frames, 16 channels
+    shifted = temporal_shift(x, 3).view(2, 3, 16)
+    clips = x.view(2, 3, 16)
+    assert torch.equal(shifted[:, 1:, :2], clips[:, :-1, :2]) and torch.all(shifted[:, 0, :2] == 0)
+    assert torch.equal(shifted[:, :-1, 2:4], clips[:, 1:, 2:4]) and torch.all(shifted[:, -1, 2:4] == 0)
+    assert torch.equal(shifted[:, :, 4:], clips[:, :, 4:])
+
+
+def test_causal_model_streams_exactly_and_never_peeks_ahead():
+    model = tiny_model(head="causal_tcn", norm="group").eval()
+    frames = torch.randn(1, 8, 3, 32, 32)
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    with torch.no_grad():
+        whole, _ = model(frames, mask)
+        first, state = model(frames[:, :4], mask[:, :4])
+        second, _ = model(frames[:, 4:], mask[:, 4:], state)
+        streamed = torch.cat([first["head_logits"], second["head_logits"]], dim=2)
+        torch.testing.assert_close(streamed, whole["head_logits"], atol=1e-5, rtol=1e-4)
+        changed = frames.clone()
+        changed[:, 5:] = torch.randn(1, 3, 3, 32, 32)
+        future, _ = model(changed, mask)
+    torch.testing.assert_close(future["head_logits"][:, :, :5], whole["head_logits"][:, :, :5])
+    assert not torch.allclose(future["head_logits"][:, :, 5:], whole["head_logits"][:, :, 5:])
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_state_is_carried_and_reset_per_row(head):
+    model = tiny_model(head=head).eval()
+    first = torch.randn(2, 4, 3, 32, 32)
+    second = torch.randn(2, 4, 3, 32, 32)
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    with torch.no_grad():
+        _, state = model(first, mask)
+        carried, _ = model(second, mask, state, reset=torch.tensor([True, False]))
+        fresh, _ = model(second, mask)
+    torch.testing.assert_close(carried["head_logits"][0], fresh["head_logits"][0])
+    assert not torch.allclose(carried["head_logits"][1], fresh["head_logits"][1])
+    torch.testing.assert_close(carried["memory_logits"][0], fresh["memory_logits"][0])
+
+
+def test_no_gradient_reaches_the_previous_window():
+    model = tiny_model()
+    first = torch.randn(1, 4, 3, 32, 32, requires_grad=True)
+    second = torch.randn(1, 4, 3, 32, 32, requires_grad=True)
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    _, state = model(first, mask)
+    outputs, _ = model(second, mask, state)
+    outputs["head_logits"].sum().backward()
+    assert first.grad is None
+    assert second.grad is not None and second.grad.abs().sum() > 0
+
+
+def test_loss_ignores_padding_and_weights_rows():
+    torch.manual_seed(0)
+    outputs = {
+        "head_logits": torch.randn(2, 3, 5), "memory_logits": torch.randn(2, 3, 5), "backbone_logits": torch.randn(2, 3)
+    }
+    mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    labels = torch.tensor([[0, 0, 1, 1, 2], [2, 2, 2, 0, 1]])
+    other = labels.clone()
+    other[1, 3:] = 2  # different labels on padding frames
+    weights = {"frame_weights": torch.tensor([1.0, 0.5]), "window_weights": torch.tensor([1.0, 0.5])}
+    first = streaming_loss(outputs, labels, mask, **weights)
+    second = streaming_loss(outputs, other, mask, **weights)
+    assert float(first["loss"]) == pytest.approx(float(second["loss"]))
+    # Backbone target of row 1 is one-hot on class 2 (its three valid frames): plain cross-entropy, halved.
+    row0 = -(torch.tensor([0.4, 0.4, 0.2]) * outputs["backbone_logits"][0].log_softmax(0)).sum()
+    row1 = -outputs["backbone_logits"][1].log_softmax(0)[2]
+    assert float(first["backbone"]) == pytest.approx(float(row0 + 0.5 * row1), rel=1e-5)
+    # Dropping a row's weight to zero removes it.
+    only_first = streaming_loss(outputs, labels, mask, frame_weights=torch.tensor([1.0, 0.0]),
+                                window_weights=torch.tensor([1.0, 0.0]))  # fmt: skip
+    assert float(only_first["head"]) == pytest.approx(
+        float(torch.nn.functional.cross_entropy(outputs["head_logits"][:1], labels[:1], reduction="sum")), rel=1e-5
+    )
+
+
+def test_pretrained_weights_from_a_file(tmp_path):
+    import torchvision
+
+    source = torchvision.models.mobilenet_v2(weights=None, width_mult=0.35)
+    path = tmp_path / "mobilenet_v2.pth"
+    torch.save(source.state_dict(), path)
+    model = tiny_model()
+    assert load_pretrained_backbone(model, str(path)) == str(path)
+    torch.testing.assert_close(model.backbone[0][0].weight, source.features[0][0].weight)
+    assert load_pretrained_backbone(model, "") == "random initialisation"
+    with pytest.raises(EtesvsError, match="do not fit"):
+        load_pretrained_backbone(tiny_model(width_mult=0.5), str(path))
+    with pytest.raises(EtesvsError, match="not found"):
+        load_pretrained_backbone(model, str(tmp_path / "missing.pth"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Windows
+
+
+def test_lockstep_schedule_covers_every_window_once_and_shards_evenly():
+    lengths = [70, 20, 33, 5, 64]
+    single = lockstep_schedule(lengths, batch_videos=2, window=16, shuffle=True, seed=3, epoch=1)
+    seen = [(ref.video, ref.window) for step in single for ref in step if ref.video != PADDING]
+    expected = [(v, w) for v, n in enumerate(lengths) for w in range(-(-n // 16))]
+    assert sorted(seen) == sorted(expected) and len(seen) == len(set(seen))
+    for step in single:  # each video's windows come in order, one step after the other
+        assert all(ref.group_end == step[0].group_end for ref in step)
+    ranks = [lockstep_schedule(lengths, batch_videos=2, window=16, shuffle=True, seed=3, epoch=1, rank=r, world_size=2)
+             for r in range(2)]  # fmt: skip
+    assert len(ranks[0]) == len(ranks[1]) == len(single)
+    for step, rank0, rank1 in zip(single, *ranks):
+        real = [ref for ref in rank0 + rank1 if ref.video != PADDING]
+        assert sorted(real) == sorted(ref for ref in step if ref.video != PADDING)
+        assert {ref.video for ref in rank0} & {ref.video for ref in rank1} <= {PADDING}
+    # A different epoch shuffles differently; the same epoch gives the same order.
+    again = lockstep_schedule(lengths, batch_videos=2, window=16, shuffle=True, seed=3, epoch=1)
+    assert again == single
+
+
+def test_interleaved_groups_alternate_with_their_own_slots_and_update_flags():
+    lengths = [40, 40, 20, 40]  # 3, 3, 2 and 3 windows of 16 frames
+    steps = lockstep_schedule(lengths, batch_videos=1, window=16, interleave=2)
+    assert [(rows[0].video, rows[0].window, rows[0].slot) for rows in steps] == [
+        (0, 0, 0), (1, 0, 1), (0, 1, 0), (1, 1, 1), (0, 2, 0), (1, 2, 1),
+        (2, 0, 0), (3, 0, 1), (2, 1, 0), (3, 1, 1), (3, 2, 1),
+    ]  # fmt: skip
+    assert [rows[0].group_end for rows in steps] == [False] * 4 + [True, True] + [False] * 2 + [True, False, True]
+    assert [rows[0].update for rows in steps] == [rows[0].group_end for rows in steps]  # once per group by default
+    every_two = lockstep_schedule(lengths, batch_videos=1, window=16, interleave=2, update_every=2)
+    assert [i for i, rows in enumerate(every_two) if rows[0].update] == [1, 3, 5, 7, 9, 10]  # and the last step
+
+
+def test_video_windows_samples(tmp_path):
+    frames_dir, labels_dir = make_dataset(tmp_path, {"a": 21, "b": 9})
+    dataset = VideoWindows(frames_dir, labels_dir, ["a", "b"], window=8, sample_rate=2, image_size=32, train=True)
+    sampler = LockstepWindowSampler(dataset.lengths, batch_videos=2, window=8)
+    steps = list(sampler)
+    assert len(steps) == 3
+    sample = dataset[steps[2][0]]  # last window of "a": frames 16..20, fed 16, 18, 20
+    assert sample["frames"].shape == (4, 3, 32, 32) and sample["frames"].dtype == torch.float32
+    assert sample["mask"].tolist() == [True, True, True, False]
+    labels = dataset.labels["a"]
+    assert sample["labels"][:3].tolist() == labels[16:21:2].tolist() and sample["labels"][3] == -100
+    assert int(sample["valid_frames"]) == 5 and int(sample["video_frames"]) == 11 and not sample["reset"]
+    assert torch.all(sample["frames"][3] == 0)
+    padding = dataset[steps[2][1]]  # "b" has ended
+    assert int(padding["video_index"]) == PADDING and not padding["mask"].any() and padding["reset"]
+    assert bool(dataset[steps[0][0]]["reset"]) and bool(padding["group_end"])
+    # Augmentation depends on (seed, epoch, video, window) only.
+    torch.testing.assert_close(dataset[steps[1][0]]["frames"], dataset[steps[1][0]]["frames"])
+    batch = torch.utils.data.default_collate([dataset[ref] for ref in steps[0]])
+    assert batch["frames"].shape == (2, 4, 3, 32, 32) and batch["mask"].shape == (2, 4)
+
+
+def test_predictions_are_full_rate_distributions(tmp_path):
+    frames_dir, labels_dir = make_dataset(tmp_path, {"a": 21, "b": 9, "c": 14})
+    dataset = VideoWindows(frames_dir, labels_dir, ["a", "b", "c"], window=8, sample_rate=2, image_size=32)
+    probabilities = predict_probabilities(tiny_model(), dataset, batch_videos=2, device=torch.device("cpu"))
+    assert {video: p.shape for video, p in probabilities.items()} == {"a": (21, 4), "b": (9, 4), "c": (14, 4)}
+    for values in probabilities.values():
+        np.testing.assert_allclose(values.sum(axis=1), 1.0, atol=1e-5)
+        pairs = len(values) // 2  # frames 2k and 2k + 1 share the network's output for frame 2k
+        np.testing.assert_array_equal(values[0 : 2 * pairs : 2], values[1 : 2 * pairs : 2])
+
+
+def test_validation_split_is_seeded_and_disjoint():
+    videos = [f"v{i}" for i in range(10)]
+    train, val = split_validation(videos, 0.2, seed=1)
+    assert len(val) == 2 and not set(train) & set(val) and sorted(train + val) == sorted(videos)
+    assert split_validation(videos, 0.2, seed=1) == (train, val)
+    assert split_validation(videos, 0.0, seed=1) == (videos, [])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The stage, in one process and under torchrun
+
+
+def stage_command(root: Path, frames_dir: Path, labels_dir: Path, out: str, **overrides) -> list[str]:
+    settings = {
+        "--epochs": 2, "--lr": 0.01, "--batch-videos": 2, "--window": 8, "--sample-rate": 1, "--image-size": 32,
+        "--num-workers": 0, "--val-fraction": 0.3, "--width-mult": 0.35, "--memory-channels": 8, "--head-layers": 3,
+        "--head-channels": 8, "--dropout": 0.0, "--norm": "group", "--seed": 0,
+        **overrides,
+    }  # fmt: skip
+    command = [
+        "--frames", str(frames_dir), "--labels", str(labels_dir), "--checkpoints", str(root / out / "models"),
+        "--predictions", str(root / out / "predictions"), "--curves", str(root / out / "train" / "curves.csv"),
+        "--summary", str(root / out / "train" / "summary.json"), "--tensorboard", str(root / out / "tensorboard"),
+    ]  # fmt: skip
+    for key, value in settings.items():
+        command += [key, str(value)]
+    return command
+
+
+def _environment() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+@pytest.mark.slow
+def test_stage_end_to_end_and_resume(tmp_path):
+    frames_dir, labels_dir = make_dataset(tmp_path, {"a": 30, "b": 20, "c": 25, "d": 17, "e": 22})
+    stage = str(ROOT / "stages" / "train_streaming.py")
+    command = [PYTHON, stage, *stage_command(tmp_path, frames_dir, labels_dir, "run")]
+    first = subprocess.run(command, capture_output=True, text=True, env=_environment(), timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "epoch 2/2" in first.stdout
+    with h5py.File(tmp_path / "run" / "predictions" / "probs.h5") as handle:
+        assert sorted(handle) == ["e"]
+        values = handle["e"][()]
+    assert values.shape == (22, 4) and values.dtype == np.float32
+    np.testing.assert_allclose(values.sum(axis=1), 1.0, atol=1e-5)
+    model_json = json.loads((tmp_path / "run" / "predictions" / "model.json").read_text())
+    assert model_json["model"] == "etesvs" and model_json["backbone_pretrained"] is False
+    assert model_json["flops_per_frame"] > 0 and model_json["params"] > 0
+    assert (model_json["window"], model_json["sample_rate"]) == (8, 1)
+    assert set(model_json["validation_videos"]) <= {"a", "b", "c", "d"}  # never the test video
+    curves = (tmp_path / "run" / "train" / "curves.csv").read_text().splitlines()
+    assert curves[0].startswith("epoch,loss") and len(curves) == 3
+    assert any((tmp_path / "run" / "tensorboard").iterdir())
+    checkpoint = torch.load(tmp_path / "run" / "models" / "best.pt", weights_only=True)
+    assert checkpoint["classes"] == ["class0", "class1", "class2", "class3"] and checkpoint["fps"] == 15.0
+    # A rerun with the same settings resumes after the last finished epoch instead of training again.
+    second = subprocess.run(command, capture_output=True, text=True, env=_environment(), timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "resuming from" in second.stdout and "epoch 1/2" not in second.stdout
+    assert (tmp_path / "run" / "train" / "curves.csv").read_text().splitlines() == curves
+    # A bad setting stops with one line naming it.
+    bad = subprocess.run([*command, "--window", "7", "--sample-rate", "2"], capture_output=True, text=True,
+                         env=_environment(), timeout=120)  # fmt: skip
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("error:") and "window (7)" in bad.stderr
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one(tmp_path):
+    """2 processes with one video each of every pair = 1 process with both (GroupNorm, no dropout)."""
+    frames_dir, labels_dir = make_dataset(tmp_path, {"a": 20, "b": 13, "c": 16}, train=["a", "b"], test=["c"])
+    overrides = {"--epochs": 1, "--val-fraction": 0.0}
+    single = [PYTHON, str(ROOT / "stages" / "train_streaming.py"),
+              *stage_command(tmp_path, frames_dir, labels_dir, "one", **overrides)]  # fmt: skip
+    torchrun = str(Path(PYTHON).with_name("torchrun"))
+    double = [torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "stages" / "train_streaming.py"),
+              *stage_command(tmp_path, frames_dir, labels_dir, "two", **overrides)]  # fmt: skip
+    for command in (single, double):
+        result = subprocess.run(command, capture_output=True, text=True, env=_environment(), timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one = torch.load(tmp_path / "one" / "models" / "last.pt", weights_only=True)
+    two = torch.load(tmp_path / "two" / "models" / "last.pt", weights_only=True)
+    for key in ("loss", "head", "memory", "backbone", "grad_norm"):
+        assert two["history"][0][key] == pytest.approx(one["history"][0][key], rel=1e-5), key
+    # Adam's first moment after one step is 0.1 x the gradient: the gradients of both runs agree.
+    first_moments = [(one["optimizer"]["state"][i]["exp_avg"], two["optimizer"]["state"][i]["exp_avg"])
+                     for i in one["optimizer"]["state"]]  # fmt: skip
+    assert len(first_moments) == len(list(tiny_model(norm="group").parameters()))
+    for a, b in first_moments:
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-4)
+    assert max(float(a.abs().max()) for a, _ in first_moments) > 1e-3  # the gradients are not all zero
+    # The weights agree too, except where Adam's first step divides a gradient of the order of its epsilon by
+    # itself (lr x g / (|g| + eps)): there rounding decides, so allow a few such elements.
+    mismatched = total = 0
+    for name, a in one["model"].items():
+        if a.is_floating_point():
+            mismatched += int(((a - two["model"][name]).abs() > 1e-5).sum())
+            total += a.numel()
+    assert mismatched <= 1e-3 * total, f"{mismatched} of {total} weights differ"
