@@ -22,7 +22,7 @@ test: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q tests
 
 benchmarks: $(STAMP)
-	for script in benchmarks/*.py; do PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python $$script || exit 1; done
+	for script in $(filter-out benchmarks/common.py,$(wildcard benchmarks/*.py)); do PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python $$script || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)

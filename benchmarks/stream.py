@@ -29,6 +29,7 @@ from etesvs.data.windows import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from etesvs.engine import save_checkpoint  # noqa: E402
 from etesvs.io import read_yaml  # noqa: E402
 from etesvs.models.streaming import StreamingSegmenter  # noqa: E402
+from common import streaming_model_args  # noqa: E402
 
 RUN_ONE = """
 import io, json, resource, sys, time, tracemalloc
@@ -49,16 +50,7 @@ def random_checkpoint(path: Path, params: dict) -> Path:
     """A checkpoint of a randomly initialised model with the streaming parameters of ``params``."""
     streaming = params.get("streaming", {})
     dataset = params.get("dataset", {})
-    model_args = {
-        "num_classes": 9,
-        "width_mult": float(streaming.get("width_mult", 1.0)),
-        "temporal_shift": bool(streaming.get("temporal_shift", False)),
-        "memory_channels": int(streaming.get("memory_channels", 64)),
-        "head": str(streaming.get("head", "causal_tcn")),
-        "head_layers": int(streaming.get("head_layers", 6)),
-        "head_channels": int(streaming.get("head_channels", 64)),
-        "norm": str(streaming.get("norm", "batch")),
-    }
+    model_args = streaming_model_args(streaming, num_classes=9)
     save_checkpoint(
         path, model=StreamingSegmenter(**model_args), optimizer=None, epoch=0, model_args=model_args,
         classes=[f"class{i}" for i in range(9)], background_ids=[0], fps=float(dataset.get("fps", 15)),

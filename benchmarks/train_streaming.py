@@ -24,6 +24,7 @@ import torch  # noqa: E402
 from etesvs.data.windows import LockstepWindowSampler, VideoWindows  # noqa: E402
 from etesvs.io import read_yaml  # noqa: E402
 from etesvs.models.streaming import StreamingSegmenter  # noqa: E402
+from common import streaming_model_args  # noqa: E402
 from etesvs.streaming_engine import make_loader, row_weights, streaming_loss  # noqa: E402
 
 
@@ -99,16 +100,7 @@ def main() -> None:
         # The model alone, on batches already in memory, as train_one_epoch runs it.
         in_process = make_loader(dataset, sampler, num_workers=0, seed=0)
         batches = [batch for _, batch in zip(range(args.steps + 1), in_process)]
-        model_args = {
-            "num_classes": info.num_classes,
-            "width_mult": float(streaming.get("width_mult", 1.0)),
-            "temporal_shift": bool(streaming.get("temporal_shift", False)),
-            "memory_channels": int(streaming.get("memory_channels", 64)),
-            "head": str(streaming.get("head", "causal_tcn")),
-            "head_layers": int(streaming.get("head_layers", 6)),
-            "head_channels": int(streaming.get("head_channels", 64)),
-            "norm": str(streaming.get("norm", "batch")),
-        }
+        model_args = streaming_model_args(streaming, num_classes=info.num_classes)
         model = StreamingSegmenter(**model_args)
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
