@@ -1,10 +1,10 @@
-# Two commands do all the set-up on a fresh machine: `make repro` and `make test`.
+# Two commands do all the set-up on a fresh machine: `make repro` (the pipeline) and `make test-all` (the tests).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: repro test benchmarks clean-venv
+.PHONY: repro test test-all params benchmarks clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,12 +17,20 @@ $(STAMP): requirements.txt pyproject.toml
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
 
-# The test suite, including an end-to-end `dvc repro` on a tiny generated dataset.
+# The fast tier of the tests (a few minutes): everything but the end-to-end tests marked slow.
 test: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -m "not slow" tests
+
+# Every test, including an end-to-end `dvc repro` on a tiny generated dataset (what CI runs).
+test-all: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q tests
 
+# params.yaml from conf/ (after editing conf/), as `dvc exp run` composes it.
+params: $(STAMP)
+	$(BIN)/python -m etesvs.params
+
 benchmarks: $(STAMP)
-	for script in $(filter-out benchmarks/common.py,$(wildcard benchmarks/*.py)); do PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python $$script || exit 1; done
+	for script in $(wildcard benchmarks/*.py); do PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python $$script || exit 1; done
 
 clean-venv:
 	rm -rf $(VENV)

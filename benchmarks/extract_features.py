@@ -11,21 +11,20 @@ machine is shared.
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from etesvs.data.frames import FrameReader, write_frame_container
+from etesvs.errors import run_main
+from etesvs.features import FeatureConfig, build_backbone, flops_per_frame, prepare_model, video_features
+from etesvs.io import read_yaml, write_json
 
-from etesvs.data.frames import FrameReader, write_frame_container  # noqa: E402
-from etesvs.errors import run_main  # noqa: E402
-from etesvs.features import FeatureConfig, build_backbone, flops_per_frame, prepare_model, video_features  # noqa: E402
-from etesvs.io import write_json  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def time_method(model, reader: FrameReader, config: FeatureConfig, device: torch.device, repeats: int) -> float:
@@ -46,9 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window-frames", type=int, default=8, help="video length timed for the window method")
     parser.add_argument("--chunked-frames", type=int, default=128, help="video length timed for the chunked method")
     parser.add_argument("--window-batch-size", type=int, default=4)
-    parser.add_argument("--chunked-batch-size", type=int, default=2)
-    parser.add_argument("--chunk-size", type=int, default=64)
-    parser.add_argument("--chunk-context", type=int, default=16)
+    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml", help="window and chunk sizes")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--device", default="cpu")
@@ -61,17 +58,12 @@ def main(argv: list[str] | None = None) -> None:
         warnings.simplefilter("ignore")  # random weights are fine for timing
         backbone = build_backbone(None, seed=0)
     model = prepare_model(backbone.model, device)
+    features = {key: value for key, value in read_yaml(args.params)["features"].items() if key != "weights"}
+    features["crop_size"] = 0  # the whole frame at --width x --height
     methods = {
-        "window": (FeatureConfig(method="window", batch_size=args.window_batch_size), args.window_frames),
-        "chunked": (
-            FeatureConfig(
-                method="chunked",
-                batch_size=args.chunked_batch_size,
-                chunk_size=args.chunk_size,
-                chunk_context=args.chunk_context,
-            ),
-            args.chunked_frames,
-        ),
+        "window": (FeatureConfig(**{**features, "method": "window", "batch_size": args.window_batch_size}),
+                   args.window_frames),
+        "chunked": (FeatureConfig(**{**features, "method": "chunked"}), args.chunked_frames),
     }
     print(
         f"I3D features at {args.width} x {args.height}, {torch.get_num_threads()} threads, device {device}, "

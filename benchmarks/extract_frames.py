@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from etesvs.data.frames import ExtractConfig, FrameReader, extract_frames, ffmpeg_exe, frames_path, scale_filter_args  # noqa: E402
-from etesvs.data.layout import VIDEO_EXTENSIONS  # noqa: E402
+from etesvs.data.frames import ExtractConfig, FrameReader, extract_frames, ffmpeg_exe, frames_path, scale_filter_args
+from etesvs.data.layout import VIDEO_EXTENSIONS
 
 
 def bare_ffmpeg(video: Path, config: ExtractConfig) -> None:

@@ -19,17 +19,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
+
+from etesvs.checkpoints import save_checkpoint
+from etesvs.data.frames import ffmpeg_exe
+from etesvs.data.windows import IMAGENET_MEAN, IMAGENET_STD
+from etesvs.io import read_yaml
+from etesvs.models.streaming import StreamingSegmenter
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from etesvs.data.frames import ffmpeg_exe  # noqa: E402
-from etesvs.data.windows import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from etesvs.engine import save_checkpoint  # noqa: E402
-from etesvs.io import read_yaml  # noqa: E402
-from etesvs.models.streaming import StreamingSegmenter  # noqa: E402
-from common import streaming_model_args  # noqa: E402
 
 RUN_ONE = """
 import io, json, resource, sys, time, tracemalloc
@@ -48,29 +46,27 @@ print(json.dumps({"frames": summary["frames"], "seconds": seconds, "python_peak"
 
 def random_checkpoint(path: Path, params: dict) -> Path:
     """A checkpoint of a randomly initialised model with the streaming parameters of ``params``."""
-    streaming = params.get("streaming", {})
-    dataset = params.get("dataset", {})
-    model_args = streaming_model_args(streaming, num_classes=9)
+    streaming, dataset = params["streaming"], params["dataset"]
+    model_args = {"num_classes": 9, **streaming["model"]}
     save_checkpoint(
         path, model=StreamingSegmenter(**model_args), optimizer=None, epoch=0, model_args=model_args,
-        classes=[f"class{i}" for i in range(9)], background_ids=[0], fps=float(dataset.get("fps", 15)),
-        window=int(params.get("window", 32)), sample_rate=int(dataset.get("sample_rate", 1)),
-        image_size=int(streaming.get("image_size", 96)),
+        classes=[f"class{i}" for i in range(9)], background_ids=[0], fps=float(dataset["fps"]),
+        window=params["window"], sample_rate=dataset["sample_rate"], image_size=streaming["data"]["image_size"],
         normalization={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
-    )  # fmt: skip
+    )
     return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=ROOT / "models" / "etesvs" / "best.pt")
+    parser.add_argument("--checkpoint", type=Path, default=ROOT / "data" / "models" / "etesvs" / "best.pt")
     parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--height", type=int, default=96)
     parser.add_argument("--fps", type=float, default=15.0)
     args = parser.parse_args()
-    params = read_yaml(args.params) if args.params.is_file() else {}
+    params = read_yaml(args.params)
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint
         if not checkpoint.is_file():

@@ -10,22 +10,20 @@ otherwise a small generated dataset, and the streaming parameters of params.yaml
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from etesvs.data.windows import LockstepWindowSampler, VideoWindows
+from etesvs.io import read_yaml
+from etesvs.losses import streaming_loss
+from etesvs.models.streaming import StreamingSegmenter
+from etesvs.streaming_training import make_loader, row_weights
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from etesvs.data.windows import LockstepWindowSampler, VideoWindows  # noqa: E402
-from etesvs.io import read_yaml  # noqa: E402
-from etesvs.models.streaming import StreamingSegmenter  # noqa: E402
-from common import streaming_model_args  # noqa: E402
-from etesvs.streaming_engine import make_loader, row_weights, streaming_loss  # noqa: E402
 
 
 def make_tiny_dataset(root: Path, *, videos: int = 6, frames: int = 160, fps: float = 15.0) -> tuple[Path, Path]:
@@ -64,13 +62,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12, help="training steps (windows) to time")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the training process")
     args = parser.parse_args()
-    params = read_yaml(args.params) if args.params.is_file() else {}
-    streaming = params.get("streaming", {})
-    window = int(params.get("window", 32))
-    sample_rate = int(params.get("dataset", {}).get("sample_rate", 1))
-    image_size = int(streaming.get("image_size", 96))
-    batch_videos = int(streaming.get("batch_videos", 4))
-    num_workers = int(streaming.get("num_workers", 2))
+    params = read_yaml(args.params)
+    streaming, window, sample_rate = params["streaming"], params["window"], params["dataset"]["sample_rate"]
+    image_size = streaming["data"]["image_size"]
+    batch_videos, num_workers = streaming["train"]["batch_videos"], streaming["train"]["num_workers"]
     torch.set_num_threads(args.threads)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,7 +78,7 @@ def main() -> None:
         info = load_label_info(labels_dir)
         videos = list(info.train)
         dataset = VideoWindows(frames_dir, labels_dir, videos, window=window, sample_rate=sample_rate,
-                               image_size=image_size, train=True)  # fmt: skip
+                               image_size=image_size, train=True, augment=streaming["data"]["augment"])
         sampler = LockstepWindowSampler(dataset.lengths, batch_videos=batch_videos, window=window, shuffle=True)
 
         # The loader alone, with its workers, as in training.
@@ -100,10 +95,9 @@ def main() -> None:
         # The model alone, on batches already in memory, as train_one_epoch runs it.
         in_process = make_loader(dataset, sampler, num_workers=0, seed=0)
         batches = [batch for _, batch in zip(range(args.steps + 1), in_process)]
-        model_args = streaming_model_args(streaming, num_classes=info.num_classes)
-        model = StreamingSegmenter(**model_args)
+        model = StreamingSegmenter(num_classes=info.num_classes, **streaming["model"])
         model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=streaming["train"]["lr"])
         state = None
         trained = 0
         for index, batch in enumerate(batches):
@@ -112,12 +106,15 @@ def main() -> None:
             frame_weights, window_weights = row_weights(batch, 1)
             outputs, state = model(batch["frames"], batch["mask"], state, batch["reset"])
             losses = streaming_loss(outputs, batch["labels"], batch["mask"], frame_weights=frame_weights,
-                                    window_weights=window_weights)  # fmt: skip
+                                    window_weights=window_weights,
+                                    smoothing_weight=streaming["loss"]["smoothing_weight"])
             losses["loss"].backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if index >= 1:
                 trained += int(batch["mask"].sum())
+            if bool(batch["group_end"][0]):  # the next step starts other videos
+                state = None
         model_fps = trained / (time.perf_counter() - start)
         dataset.close()
 

@@ -53,17 +53,17 @@ import numpy as np
 import torch
 
 from etesvs.data.frames import FrameReader, frames_path
-from etesvs.engine import DistInfo, shard
+from etesvs.distributed import DistInfo, shard
 from etesvs.errors import EtesvsError
-from etesvs.io import atomic_path
+from etesvs.io import atomic_path, write_json
 from etesvs.models.i3d import (
     FEATURE_DIM,
     TEMPORAL_CENTER_OFFSET,
     TEMPORAL_STRIDE,
     InceptionI3d,
-    count_parameters,
     load_i3d_weights,
 )
+from etesvs.profiling import count_flops, count_parameters
 
 EXTRACTOR = "i3d-rgb-mixed5c"
 METHODS = ("window", "chunked")
@@ -81,19 +81,19 @@ class FeatureConfig:
         method: "window" or "chunked" (see the module docstring).
         batch_size: clips per forward pass (21-frame windows, or chunks of chunk_size + 2 * chunk_context).
         dtype: "float16" or "float32" in the HDF5 file.
-        crop_size: None for the full frame, else resize the short side to it and centre-crop a square.
+        crop_size: 0 for the full frame, else resize the short side to it and centre-crop a square.
         window_size: frames per window (odd) for "window".
         chunk_size: frames per chunk (multiple of 8) for "chunked".
         chunk_context: extra frames on each side of a chunk (multiple of 8) for "chunked".
     """
 
-    method: str = "chunked"
-    batch_size: int = 2
-    dtype: str = "float32"
-    crop_size: int | None = None
-    window_size: int = 21
-    chunk_size: int = 64
-    chunk_context: int = 16
+    method: str
+    batch_size: int
+    dtype: str
+    crop_size: int
+    window_size: int
+    chunk_size: int
+    chunk_context: int
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -102,8 +102,8 @@ class FeatureConfig:
             raise EtesvsError(f"features.dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.batch_size < 1:
             raise EtesvsError(f"features.batch_size: must be at least 1, got {self.batch_size}")
-        if self.crop_size is not None and self.crop_size < 1:
-            raise EtesvsError(f"features.crop_size: must be positive or empty, got {self.crop_size}")
+        if self.crop_size < 0:
+            raise EtesvsError(f"features.crop_size: must be positive, or 0 for the full frame, got {self.crop_size}")
         if self.window_size < 1 or self.window_size % 2 == 0:
             raise EtesvsError(f"features.window_size: must be odd, got {self.window_size}")
         for name in ("chunk_size", "chunk_context"):
@@ -174,7 +174,7 @@ def calibrate_batch_norm(
     for video in sorted(videos)[:num_clips]:
         with FrameReader(frames_path(frames_dir, video)) as reader:
             frames = read_clamped(reader, 0, clip_length)  # (T, 3, H, W) uint8, short videos padded
-        clips.append(preprocess(frames, crop_size=config.crop_size).permute(1, 0, 2, 3))  # -> (3, T, H, W)
+        clips.append(preprocess(frames, crop_size=config.crop_size or None).permute(1, 0, 2, 3))  # -> (3, T, H, W)
     if len(clips) == 1:  # one batch of two, so that even a 1x1x1 map has two values per channel
         clips.append(clips[0].flip(-1))
     with torch.no_grad():
@@ -254,7 +254,7 @@ def window_features(
     for start in range(0, num_frames, config.batch_size):
         stop = min(start + config.batch_size, num_frames)
         span = read_clamped(reader, start - half, stop + half).to(device)  # (B + 2 * half, 3, H, W)
-        span = preprocess(span, crop_size=config.crop_size)
+        span = preprocess(span, crop_size=config.crop_size or None)
         # (B + 2h, 3, H, W) -> (B, 3, H, W, window) -> (B, 3, window, H, W)
         clips = span.unfold(0, config.window_size, 1).permute(0, 1, 4, 2, 3)
         yield _forward(model, clips).mean(dim=2).cpu()  # (B, 1024, 3) -> (B, 1024)
@@ -272,7 +272,7 @@ def chunked_features(
         clips = torch.stack([read_clamped(reader, s - context, s + size + context) for s in batch])
         clips = clips.to(device)  # (B, L + 2C, 3, H, W) uint8
         batch_size, length = clips.shape[:2]
-        clips = preprocess(clips.flatten(0, 1), crop_size=config.crop_size)  # (B * (L + 2C), 3, H', W')
+        clips = preprocess(clips.flatten(0, 1), crop_size=config.crop_size or None)  # (B * (L + 2C), 3, H', W')
         clips = clips.unflatten(0, (batch_size, length)).permute(0, 2, 1, 3, 4)  # (B, 3, L + 2C, H', W')
         steps = _forward(model, clips)  # (B, 1024, (L + 2C) / 8)
         frames = interpolate_to_frames(steps, context, size)  # (B, 1024, L)
@@ -305,26 +305,21 @@ def video_features(
     return features
 
 
-def clip_flops(model: InceptionI3d, shape: Sequence[int]) -> float:
-    """fvcore FLOPs (one multiply-add = 1) of one forward pass on a clip of ``shape`` (B, 3, T, H, W)."""
+def clip_flops(model: InceptionI3d, shape: Sequence[int]) -> float | None:
+    """FLOPs (:func:`etesvs.profiling.count_flops`) of one forward pass on a clip of ``shape`` (B, 3, T, H, W)."""
     parameter = next(model.parameters())
-    clip = torch.zeros(tuple(shape), device=parameter.device)
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fvcore's tracer warns about deprecated torch.jit and skipped ops
-        from fvcore.nn import FlopCountAnalysis
-
-        analysis = FlopCountAnalysis(model, clip).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        return float(analysis.total())
+    return count_flops(model, (torch.zeros(tuple(shape), device=parameter.device),))
 
 
-def flops_per_frame(model: InceptionI3d, config: FeatureConfig, *, height: int, width: int) -> float:
+def flops_per_frame(model: InceptionI3d, config: FeatureConfig, *, height: int, width: int) -> float | None:
     """I3D FLOPs spent per output frame by ``config.method`` on frames of ``height`` x ``width``."""
-    if config.crop_size is not None:
+    if config.crop_size:
         height = width = config.crop_size
     if config.method == "window":
         return clip_flops(model, (1, 3, config.window_size, height, width))
     length = config.chunk_size + 2 * config.chunk_context
-    return clip_flops(model, (1, 3, length, height, width)) / config.chunk_size
+    flops = clip_flops(model, (1, 3, length, height, width))
+    return flops / config.chunk_size if flops is not None else None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -340,7 +335,7 @@ def store_header(backbone: Backbone, config: FeatureConfig) -> dict:
         "backbone_pretrained": backbone.pretrained,
         "method": config.method,
         "dtype": config.dtype,
-        "crop_size": -1 if config.crop_size is None else config.crop_size,
+        "crop_size": config.crop_size,
         "window_size": config.window_size,
         "chunk_size": config.chunk_size,
         "chunk_context": config.chunk_context,
@@ -567,13 +562,56 @@ def extract_features(
     return all_stats
 
 
-def run_summary(
-    stats: Sequence[RankStats], *, backbone: Backbone, config: FeatureConfig, flops: float | None, videos: int
-) -> dict:
-    """The ``info.json`` / metrics of a run: backbone facts, cost and measured speed."""
-    frames = sum(s.frames for s in stats)
-    wall = max((s.seconds for s in stats), default=0.0)
-    frames_per_second = frames / wall if frames and wall > 0 else None
+def extract_dataset_features(
+    section: dict,
+    *,
+    seed: int,
+    frames_dir: str | os.PathLike,
+    labels_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dist: DistInfo,
+) -> tuple[dict, dict] | None:
+    """Features of every train and test video of a labels directory into ``out_dir/features.h5`` and its
+    ``info.json`` (see :func:`feature_info`); what stage extract_features runs.
+
+    ``section`` is the ``features`` section of params.yaml: ``weights`` (a pytorch-i3d checkpoint, or "" for a
+    randomly initialised, BatchNorm-calibrated I3D drawn from ``seed``) and the :class:`FeatureConfig` fields.
+    Returns ``(info, speed)`` on the main process and None on the others.
+    """
+    from etesvs.data.labels import load_label_info
+    from etesvs.params import call_with
+
+    section = dict(section)
+    weights = section.pop("weights")
+    config = call_with(FeatureConfig, section, where="params.yaml: features")
+    info = load_label_info(labels_dir)
+    videos = list(dict.fromkeys(info.train + info.test))
+    if not videos:
+        raise EtesvsError(f"{Path(labels_dir) / 'info.json'}: no train or test videos")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        backbone = build_backbone(weights or None, seed=seed)
+    backbone = calibrate_batch_norm(backbone, frames_dir, info.train, config)
+    if dist.is_main:
+        for warning in caught:
+            print(f"warning: {warning.message}", file=sys.stderr)
+    stats = extract_features(videos, frames_dir=frames_dir, out_dir=out_dir, backbone=backbone, config=config,
+                             dist=dist, device=dist.device, num_frames=info.num_frames)
+    if stats is None:  # not the main process
+        return None
+    with FrameReader(frames_path(frames_dir, videos[0])) as reader:
+        flops = flops_per_frame(backbone.model, config, height=reader.height, width=reader.width)
+    summary = feature_info(backbone, config=config, flops=flops, videos=len(videos))
+    write_json(Path(out_dir) / "info.json", summary)
+    return summary, run_speed(stats)
+
+
+def feature_info(backbone: Backbone, *, config: FeatureConfig, flops: float | None, videos: int) -> dict:
+    """``info.json`` beside ``features.h5``: what the features are and what they cost per frame.
+
+    Only facts that stay the same whenever the features do (no timings, no counts of resumed work), so that
+    the file, and everything DVC computes from it, changes only when the features change.
+    """
     return {
         "extractor": EXTRACTOR,
         "method": config.method,
@@ -583,18 +621,54 @@ def run_summary(
         "weights_hash": backbone.weights_hash,
         "params": count_parameters(backbone.model),
         "flops_per_frame": flops,
-        "frames_per_second": frames_per_second,
-        "gflops_per_second": flops * frames_per_second / 1e9 if flops and frames_per_second else None,
         "videos": videos,
+    }
+
+
+def run_speed(stats: Sequence[RankStats]) -> dict:
+    """How a run went: videos computed and reused, frames per second of the slowest rank (a timing)."""
+    frames = sum(s.frames for s in stats)
+    wall = max((s.seconds for s in stats), default=0.0)
+    return {
         "videos_computed": sum(s.computed for s in stats),
         "videos_reused": sum(s.reused for s in stats),
         "ranks": len(stats),
+        "frames_per_second": frames / wall if frames and wall > 0 else None,
     }
-
 
 # --------------------------------------------------------------------------------------------------------------
 # Importing the MS-TCN release features
 # --------------------------------------------------------------------------------------------------------------
+
+
+def read_release_array(path: Path, *, feature_dim: int) -> np.ndarray:
+    """One MS-TCN release feature file ``(D, T)`` as a float (T, D) array; errors name the file."""
+    if not path.is_file():
+        raise EtesvsError(f"{path}: feature file not found")
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise EtesvsError(f"{path}: not a readable .npy array ({' '.join(str(error).split())})") from None
+    if array.ndim != 2 or array.shape[0] != feature_dim:
+        hint = " (transposed?)" if array.ndim == 2 and array.shape[1] == feature_dim else ""
+        raise EtesvsError(f"{path}: expected an array of shape ({feature_dim}, T), got {tuple(array.shape)}{hint}")
+    if not np.issubdtype(array.dtype, np.floating):
+        raise EtesvsError(f"{path}: expected floating-point features, got {array.dtype}")
+    return np.ascontiguousarray(array.T)  # (D, T) -> (T, D)
+
+
+def fit_length(features: np.ndarray, expected: int, *, max_mismatch: int, path: Path) -> np.ndarray:
+    """Cut or repeat the last feature so that (T, D) ``features`` have ``expected`` frames, if T differs by at
+    most ``max_mismatch``; a larger difference is an error naming the file."""
+    difference = len(features) - expected
+    if abs(difference) > max_mismatch:
+        raise EtesvsError(f"{path}: {len(features)} frames but the labels have {expected} "
+                          f"(difference {difference:+d}, allowed {max_mismatch})")
+    if difference > 0:
+        return features[:expected]
+    if difference < 0:
+        return np.concatenate([features, np.repeat(features[-1:], -difference, axis=0)])
+    return features
 
 
 def import_npy_features(
@@ -625,51 +699,21 @@ def import_npy_features(
         if not videos:
             raise EtesvsError(f"{npy_dir}: no .npy feature files")
     notes: list[str] = []
-    attrs = {
-        "fps": float(fps),
-        "extractor": "i3d-rgb+flow-mstcn-release",
-        "method": "imported",
-        "weights_hash": "unknown-mstcn-release",
-        "backbone_pretrained": True,
-    }
+    attrs = {"fps": float(fps), "extractor": "i3d-rgb+flow-mstcn-release", "method": "imported",
+             "weights_hash": "unknown-mstcn-release", "backbone_pretrained": True}
     with atomic_path(out_file) as tmp:
         with h5py.File(tmp, "w") as out:
             out.attrs.update({**attrs, "dtype": dtype})
             for video in videos:
                 path = npy_dir / f"{video}.npy"
-                if not path.is_file():
-                    raise EtesvsError(f"{path}: feature file not found (video '{video}' is in the labels)")
-                try:
-                    array = np.load(path, allow_pickle=False)
-                except (ValueError, OSError) as error:
-                    raise EtesvsError(f"{path}: not a readable .npy array ({' '.join(str(error).split())})") from None
-                if array.ndim != 2 or array.shape[0] != feature_dim:
-                    hint = " (transposed?)" if array.ndim == 2 and array.shape[1] == feature_dim else ""
-                    raise EtesvsError(
-                        f"{path}: expected an array of shape ({feature_dim}, T), got {tuple(array.shape)}{hint}"
-                    )
-                if not np.issubdtype(array.dtype, np.floating):
-                    raise EtesvsError(f"{path}: expected floating-point features, got {array.dtype}")
-                features = np.ascontiguousarray(array.T)  # (D, T) -> (T, D)
+                features = read_release_array(path, feature_dim=feature_dim)
                 if num_frames is not None:
-                    expected = num_frames[video]
-                    difference = len(features) - expected
-                    if abs(difference) > max_length_mismatch:
-                        raise EtesvsError(
-                            f"{path}: {len(features)} frames but the labels have {expected} "
-                            f"(difference {difference:+d}, allowed {max_length_mismatch})"
-                        )
-                    if difference > 0:
-                        features = features[:expected]
-                    elif difference < 0:
-                        features = np.concatenate([features, np.repeat(features[-1:], -difference, axis=0)])
-                    if difference:
-                        notes.append(f"{path.name}: {difference:+d} frames against the labels, fixed")
+                    fitted = fit_length(features, num_frames[video], max_mismatch=max_length_mismatch, path=path)
+                    if len(fitted) != len(features):
+                        notes.append(f"{path.name}: {len(features) - len(fitted):+d} frames against the labels, fixed")
+                    features = fitted
                 if not np.isfinite(features).all():
                     raise EtesvsError(f"{path}: features contain NaN or infinite values")
-                write_video(
-                    out, video, features, {**attrs, "num_frames": len(features), "frames_source": str(path.name)},
-                    dtype=dtype,
-                )
+                write_video(out, video, features,
+                            {**attrs, "num_frames": len(features), "frames_source": str(path.name)}, dtype=dtype)
     return notes
-

@@ -1,23 +1,29 @@
-"""Losses of the temporal models.
+"""Every loss of the project.
 
-Pure functions on tensors (cross-entropy, smoothing, boundary BCE) and two small modules that combine them for
-a model's output. A loss module is called as ``loss_fn(output, batch)`` with the model's forward() output and a
-collated batch (see :mod:`etesvs.data.feature_sequences`), and returns a dict of scalar tensors whose ``"loss"`` entry is
-the one to back-propagate.
+Pure functions on tensors (cross-entropy, smoothing, boundary BCE), two modules that combine them for the output of
+a temporal model, and the streaming model's per-window loss. A loss module is called as ``loss_fn(output, batch)``
+with the model's forward() output and a collated batch (see :mod:`etesvs.data.feature_sequences`), and returns a
+dict of scalar tensors whose ``"loss"`` entry is the one to back-propagate. Both modules are built from the
+training split's label statistics with ``from_label_counts`` (ASRF weights its classes and boundaries by them).
 
 Masks here are boolean ``(B, T)`` arrays, True on valid frames.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+if TYPE_CHECKING:
+    from etesvs.data.feature_sequences import LabelCounts
+
 IGNORE_INDEX = -100
+SMOOTHING_CLAMP = 16.0
+"""Truncation of the smoothing loss: tau = 4 squared, as in MS-TCN."""
 
 
 def masked_cross_entropy(
@@ -58,34 +64,46 @@ def gaussian_similarity(features: torch.Tensor, sigma: float = 1.0) -> torch.Ten
     return torch.exp(-distance / (2.0 * sigma**2))
 
 
+def smoothing_terms(logits: torch.Tensor, *, clamp: float) -> torch.Tensor:
+    """MS-TCN's truncated MSE of each pair of neighbouring frames, averaged over classes.
+
+    Each term is ``min((log p_t - log p_{t-1})^2, clamp)`` with the previous frame detached, so that the loss pulls
+    frame t towards t - 1 only; ``clamp=16`` is tau = 4 squared. Padding is not masked here: callers weight the
+    pairs (see :func:`smoothing_loss` and :func:`streaming_loss`).
+
+    Args:
+        logits: (B, C, T).
+
+    Returns:
+        (B, T - 1) float32.
+    """
+    log_probs = F.log_softmax(logits.float(), dim=1)
+    squared = (log_probs[:, :, 1:] - log_probs.detach()[:, :, :-1]).pow(2).clamp(max=clamp)  # (B, C, T-1)
+    return squared.mean(dim=1)  # (B, C, T-1) -> (B, T-1)
+
+
 def smoothing_loss(
     logits: torch.Tensor,
     mask: torch.Tensor,
     *,
-    clamp: float = 16.0,
+    clamp: float = SMOOTHING_CLAMP,
     similarity: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Truncated MSE between log-probabilities of neighbouring frames (MS-TCN's T-MSE; ASRF's GS-TMSE).
+    """Mean of :func:`smoothing_terms` over pairs of frames that are both valid (MS-TCN's T-MSE; ASRF's GS-TMSE).
 
-    Each term is ``min((log p_t - log p_{t-1})^2, clamp)``, with the previous frame detached so that the loss
-    pulls frame t towards t - 1 only; ``clamp=16`` is tau = 4 squared. The mean runs over classes and over pairs of
-    frames that are both valid. ``similarity`` (B, T - 1) weights each pair (GS-TMSE: similar input frames are
-    smoothed more).
+    ``similarity`` (B, T - 1) weights each pair (GS-TMSE: similar input frames are smoothed more).
 
     Args:
         logits: (B, C, T).
         mask: (B, T) bool.
         similarity: (B, T - 1) or None.
     """
-    num_classes = logits.shape[1]
-    log_probs = F.log_softmax(logits.float(), dim=1)
-    squared = (log_probs[:, :, 1:] - log_probs.detach()[:, :, :-1]).pow(2).clamp(max=clamp)  # (B, C, T-1)
-    pair_mask = (mask[:, 1:] & mask[:, :-1]).to(squared.dtype)  # (B, T-1)
+    pair_mask = (mask[:, 1:] & mask[:, :-1]).float()  # (B, T-1)
     num_pairs = pair_mask.sum()
     if float(num_pairs) == 0.0:
         return logits.sum() * 0.0
-    weights = pair_mask if similarity is None else pair_mask * similarity.to(squared.dtype)
-    return (squared * weights[:, None, :]).sum() / (num_classes * num_pairs)
+    weights = pair_mask if similarity is None else pair_mask * similarity.float()
+    return (smoothing_terms(logits, clamp=clamp) * weights).sum() / num_pairs
 
 
 def boundary_loss(
@@ -139,8 +157,8 @@ class SegmentationLoss(nn.Module):
     def __init__(
         self,
         *,
-        smoothing_weight: float = 0.15,
-        clamp: float = 16.0,
+        smoothing_weight: float,
+        clamp: float = SMOOTHING_CLAMP,
         class_weights: Sequence[float] | None = None,
     ) -> None:
         super().__init__()
@@ -160,6 +178,11 @@ class SegmentationLoss(nn.Module):
         loss = classification + self.smoothing_weight * smoothing
         return {"loss": loss, "classification": classification.detach(), "smoothing": smoothing.detach()}
 
+    @classmethod
+    def from_label_counts(cls, counts: "LabelCounts", **kwargs: float) -> "SegmentationLoss":
+        """The loss for a training split: unweighted classes, whatever the split's statistics."""
+        return cls(**kwargs)
+
 
 class ASRFLoss(nn.Module):
     """ASRF loss: class-weighted cross-entropy + GS-TMSE for every segmentation stage, boundary BCE for every
@@ -172,12 +195,12 @@ class ASRFLoss(nn.Module):
     def __init__(
         self,
         *,
-        class_weights: Sequence[float] | None = None,
-        boundary_pos_weight: float = 1.0,
-        smoothing_weight: float = 0.15,
-        boundary_weight: float = 0.1,
-        similarity_sigma: float = 1.0,
-        clamp: float = 16.0,
+        class_weights: Sequence[float] | None,
+        boundary_pos_weight: float,
+        smoothing_weight: float,
+        boundary_weight: float,
+        similarity_sigma: float,
+        clamp: float = SMOOTHING_CLAMP,
     ) -> None:
         super().__init__()
         weights = torch.as_tensor(class_weights, dtype=torch.float32) if class_weights is not None else None
@@ -207,3 +230,82 @@ class ASRFLoss(nn.Module):
             "smoothing": smoothing.detach(),
             "boundary": boundary.detach(),
         }
+
+    @classmethod
+    def from_label_counts(cls, counts: "LabelCounts", **kwargs: float) -> "ASRFLoss":
+        """The loss for a training split: inverse-frequency class weights and the boundary ``pos_weight`` of its
+        frames (see :func:`class_weights_from_counts`, :func:`boundary_pos_weight_from_counts`)."""
+        return cls(
+            class_weights=class_weights_from_counts(counts.class_counts).tolist(),
+            boundary_pos_weight=boundary_pos_weight_from_counts(counts.num_boundaries, counts.num_frames),
+            **kwargs,
+        )
+
+
+def window_soft_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of window-level logits (B, C) against the share of each class among the window's valid frames
+    (labels (B, T), mask (B, T) bool); (B,), zero for rows without a valid frame."""
+    num_classes = logits.shape[1]
+    valid = mask.float()
+    one_hot = F.one_hot(labels.clamp(min=0), num_classes).float() * valid[:, :, None]  # (B, T, C)
+    counts = valid.sum(dim=1)  # (B,)
+    distribution = one_hot.sum(dim=1) / counts.clamp(min=1.0)[:, None]  # (B, T, C) -> (B, C)
+    return -(distribution * F.log_softmax(logits.float(), dim=1)).sum(dim=1) * (counts > 0).float()
+
+
+def streaming_loss(
+    outputs: dict[str, torch.Tensor],
+    labels: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    frame_weights: torch.Tensor,
+    window_weights: torch.Tensor,
+    smoothing_weight: float,
+    clamp: float = SMOOTHING_CLAMP,
+) -> dict[str, torch.Tensor]:
+    """The streaming model's loss of one window, as a weighted sum over the rows (videos) of the batch.
+
+    Per row: cross-entropy of the head plus ``smoothing_weight`` x the truncated MSE of neighbouring
+    log-probabilities (:func:`smoothing_terms`) plus cross-entropy of the memory branch, summed over the window's
+    frames and multiplied by ``frame_weights``; plus the soft-label cross-entropy between the backbone's window-mean
+    logits and the label distribution of the window's valid frames, multiplied by ``window_weights``. With
+    ``frame_weights = 1 / (B x frames of the video)`` and ``window_weights = 1 / (B x windows of the video)`` the
+    sum over all windows is the mean over videos of each video's mean loss, whatever the split of the videos over
+    windows, batches or processes.
+
+    Args:
+        outputs: the model's outputs for the window (``head_logits`` and ``memory_logits`` (B, C, T),
+            ``backbone_logits`` (B, C)).
+        labels: (B, T) int64 class ids (anything on padding frames).
+        mask: (B, T) bool, True on valid frames.
+        frame_weights: (B,) float.
+        window_weights: (B,) float.
+
+    Returns:
+        ``"loss"`` (scalar to back-propagate) and its detached parts ``"head"``, ``"smoothing"``, ``"memory"``,
+        ``"backbone"`` (each already weighted by the row weights, before ``smoothing_weight``).
+    """
+    head_logits = outputs["head_logits"].float()
+    targets = labels.masked_fill(~mask, IGNORE_INDEX)
+    valid = mask.float()
+    frame_weights, window_weights = frame_weights.float(), window_weights.float()
+
+    def frame_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+        per_frame = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")  # (B, T)
+        return (per_frame.sum(dim=1) * frame_weights).sum()
+
+    head = frame_cross_entropy(head_logits)
+    memory = frame_cross_entropy(outputs["memory_logits"])
+    pair_mask = valid[:, 1:] * valid[:, :-1]  # (B, T-1)
+    smoothing = ((smoothing_terms(head_logits, clamp=clamp) * pair_mask).sum(dim=1) * frame_weights).sum()
+
+    backbone = (window_soft_cross_entropy(outputs["backbone_logits"], labels, mask) * window_weights).sum()
+
+    loss = head + smoothing_weight * smoothing + memory + backbone
+    return {
+        "loss": loss,
+        "head": head.detach(),
+        "smoothing": smoothing.detach(),
+        "memory": memory.detach(),
+        "backbone": backbone.detach(),
+    }

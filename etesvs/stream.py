@@ -27,7 +27,7 @@ from typing import IO, Iterator, Sequence
 import numpy as np
 import torch
 
-from etesvs.engine import load_checkpoint
+from etesvs.checkpoints import load_checkpoint
 from etesvs.errors import EtesvsError, run_main
 from etesvs.io import atomic_path
 from etesvs.models.streaming import StreamingSegmenter

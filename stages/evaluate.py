@@ -17,6 +17,7 @@ from etesvs.data.labels import load_label_info, load_labels
 from etesvs.errors import EtesvsError, run_main
 from etesvs.evaluate import confusion_csv, evaluate_predictions, json_safe, per_class_csv
 from etesvs.io import atomic_path, read_json, write_json
+from etesvs.params import stage_params
 from etesvs.viz import save_segments_figure
 
 MODEL_FIELDS = ("params", "flops_per_frame", "backbone_pretrained")
@@ -28,9 +29,8 @@ def main() -> None:
     parser.add_argument("--predictions", type=Path, required=True, help="directory with probs.h5 and model.json")
     parser.add_argument("--model", required=True, help="model name, for messages")
     parser.add_argument("--out", type=Path, required=True, help="report directory, e.g. reports/<model>")
-    parser.add_argument("--window", type=int, default=0, help="frames per sliding window (picture ticks)")
-    parser.add_argument("--max-confusion-rows", type=int, default=20000)
     args = parser.parse_args()
+    window = stage_params(f"evaluate@{args.model}")["window"]  # ticks at the streaming model's window boundaries
 
     info = load_label_info(args.labels)
     model_info = read_json(args.predictions / "model.json")
@@ -60,13 +60,13 @@ def main() -> None:
                 result.predictions[video],
                 class_names=info.classes,
                 fps=info.fps,
-                window=args.window,
+                window=window,
                 title=f"{args.model}: {video}   F1@50 = {video_f1[video]:.1f}",
                 background_ids=info.background_ids,
             )
     for name, text in (
         ("per_class.csv", per_class_csv(result, info.classes)),
-        ("confusion.csv", confusion_csv(result, ground_truth, info.classes, max_rows=args.max_confusion_rows)),
+        ("confusion.csv", confusion_csv(result, ground_truth, info.classes)),
     ):
         with atomic_path(args.out / name) as tmp:
             tmp.write_text(text, encoding="utf-8")

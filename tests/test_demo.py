@@ -25,6 +25,7 @@ from etesvs.data.demo import (
 )
 from etesvs.data.layout import read_ground_truth, read_mapping, read_split
 from etesvs.errors import EtesvsError
+from tests.conftest import run_stage, stage_workdir
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = DemoConfig(num_videos=4, num_subjects=2, min_seconds=3, max_seconds=4, width=64, height=48, fps=10, seed=7)
@@ -160,8 +161,8 @@ def test_config_rejects_impossible_sizes(changes, message):
         dataclasses.replace(TINY, **changes)
 
 
-def test_default_size_covers_every_class_and_recipe():
-    config = DemoConfig()
+def test_default_size_covers_every_class_and_recipe(default_params):
+    config = DemoConfig(**default_params["demo"])
     plans = [plan_demo_video(config, index) for index in range(config.num_videos)]
     labels = {segment.label for plan in plans for segment in plan.segments}
     assert labels == set(CLASSES)
@@ -182,7 +183,8 @@ def test_default_size_covers_every_class_and_recipe():
 @pytest.fixture(scope="module")
 def subject_videos() -> list[demo.DemoVideo]:
     """Twenty-four 12-second videos of one subject, six of each recipe."""
-    config = DemoConfig(num_videos=48, num_subjects=2, min_seconds=12, max_seconds=12, width=64, height=48, fps=10)
+    config = DemoConfig(num_videos=48, num_subjects=2, min_seconds=12, max_seconds=12, width=64, height=48, fps=10,
+                        seed=0)
     return [render_demo_video(config, index) for index in range(0, 48, 2)]
 
 
@@ -250,21 +252,14 @@ def test_paired_classes_follow_one_path_in_opposite_directions(subject_videos):
 
 
 @pytest.mark.slow
-def test_stage_script_writes_the_dataset_and_reports_bad_flags(tmp_path):
-    flags = ["--num-videos", "2", "--num-subjects", "2", "--min-seconds", "3", "--max-seconds", "3",
-             "--width", "64", "--height", "48", "--fps", "10", "--seed", "1", "--no-progress"]  # fmt: skip
-    script = str(ROOT / "stages" / "make_demo_data.py")
-    done = subprocess.run(
-        [sys.executable, script, "--out", str(tmp_path / "demo"), *flags], capture_output=True, text=True, check=False
-    )
+def test_stage_script_writes_the_dataset_and_reports_bad_params(tmp_path):
+    demo = dict(num_videos=2, num_subjects=2, min_seconds=3, max_seconds=3, width=64, height=48, fps=10, seed=1)
+    done = run_stage("make_demo_data", "--out", str(tmp_path / "demo"),
+                     cwd=stage_workdir(tmp_path / "good", {"demo": demo}))
     assert done.returncode == 0, done.stderr
     assert read_split(tmp_path / "demo" / "splits" / "test.split2.bundle") == ["S2_Tea_2"]
-    bad = subprocess.run(
-        [sys.executable, script, "--out", str(tmp_path / "bad"), *flags, "--width", "63"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    bad = run_stage("make_demo_data", "--out", str(tmp_path / "bad"),
+                    cwd=stage_workdir(tmp_path / "odd", {"demo": {**demo, "width": 63}}))
     assert bad.returncode == 1
     assert bad.stderr.startswith("error: demo dataset config: width and height must be even")
     assert not (tmp_path / "bad").exists()

@@ -15,13 +15,14 @@ import pytest
 
 from etesvs.errors import EtesvsError
 from etesvs.evaluate import (
+    confusion_csv,
     evaluate_predictions,
     main,
     read_prediction_file,
     summary_markdown,
 )
+from tests.conftest import ROOT, stage_workdir
 
-ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 GTEA = SHARED / "data" / "edtcn" / "gtea"
 CLASSES = ["background", "cut", "pour", "stir"]
@@ -291,17 +292,15 @@ def write_model_predictions(directory: Path, probabilities: dict[str, np.ndarray
     (directory / "model.json").write_text(json.dumps(model))
 
 
-def evaluate_stage(tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
-    return run_script(
-        str(ROOT / "stages" / "evaluate.py"),
-        "--labels", "data/labels",
-        "--predictions", "data/predictions/reference",
-        "--model", "reference",
-        "--out", "reports/reference",
-        "--window", "16",
-        *extra,
-        cwd=tmp_path,
-    )  # fmt: skip
+def evaluate_stage(tmp_path: Path) -> subprocess.CompletedProcess:
+    """The stage as DVC runs item ``evaluate@mstcn`` of its matrix, on a reference model's predictions."""
+    stage_workdir(tmp_path, {"window": 16})
+    env = dict(os.environ, MPLBACKEND="Agg", DVC_STAGE="evaluate@mstcn")
+    return subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "evaluate.py"), "--labels", "data/labels",
+         "--predictions", "data/predictions/reference", "--model", "reference", "--out", "reports/reference"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )
 
 
 def test_evaluate_stage_writes_metrics_tables_and_pictures(tmp_path):
@@ -310,7 +309,7 @@ def test_evaluate_stage_writes_metrics_tables_and_pictures(tmp_path):
     probabilities = reference_model(labels, noise=0.15, seed=4, videos=("video_a", "video_b"))
     write_model_predictions(tmp_path / "data" / "predictions" / "reference", probabilities)
 
-    result = evaluate_stage(tmp_path, "--max-confusion-rows", "50")
+    result = evaluate_stage(tmp_path)
     assert result.returncode == 0, result.stderr
 
     report = tmp_path / "reports" / "reference"
@@ -335,7 +334,7 @@ def test_evaluate_stage_writes_metrics_tables_and_pictures(tmp_path):
 
     with open(report / "confusion.csv") as handle:
         confusion = list(csv.DictReader(handle))
-    assert 0 < len(confusion) <= 50
+    assert len(confusion) == support, "every frame, as there are fewer than the cap of sampled rows"
     assert set(confusion[0]) == {"actual", "predicted"}
     assert {row["actual"] for row in confusion} <= set(CLASSES)
 
@@ -381,3 +380,15 @@ def test_summary_table_and_stage(tmp_path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert (tmp_path / "reports" / "summary.md").read_text().splitlines() == table
+
+
+def test_confusion_csv_samples_evenly_spaced_frames():
+    labels = tiny_labels()
+    videos = ("video_a", "video_b")
+    probabilities = reference_model(labels, noise=0.15, seed=4, videos=videos)
+    result = evaluate_predictions({video: labels[video] for video in videos}, num_classes=4, background_ids=[0],
+                                  probabilities=probabilities)
+    frames = sum(len(labels[video]) for video in videos)
+    rows = confusion_csv(result, labels, CLASSES, max_rows=10).splitlines()
+    assert rows[0] == "actual,predicted" and 1 <= len(rows) - 1 <= 10
+    assert len(confusion_csv(result, labels, CLASSES).splitlines()) - 1 == frames

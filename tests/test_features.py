@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +13,15 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from etesvs import features as features_module
 from etesvs.data.frames import FrameReader, frames_path, write_frame_container
-from etesvs.engine import DistInfo
+from etesvs.distributed import DistInfo
 from etesvs.errors import EtesvsError, run_main
+from etesvs.import_features import main as import_features_main
 from etesvs.features import (
+    extract_dataset_features,
     FeatureConfig,
     build_backbone,
     extract_features,
@@ -36,7 +39,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 COUNTS = {"v1": 11, "v2": 5, "v3": 9}
 # Small chunks keep the tests fast; the defaults (64 + 2 x 16) are exercised by the benchmark.
-TINY = FeatureConfig(method="chunked", batch_size=2, chunk_size=8, chunk_context=8)
+BASE = dict(method="chunked", batch_size=2, dtype="float32", crop_size=0, window_size=21, chunk_size=8, chunk_context=8)
+
+
+def config_(**changes) -> FeatureConfig:
+    return FeatureConfig(**{**BASE, **changes})
+
+
+TINY = config_()
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_distributed=False)
 CPU = torch.device("cpu")
 
@@ -116,7 +126,7 @@ def test_interpolation_uses_the_centre_of_each_i3d_step():
 @pytest.mark.parametrize("method", ["window", "chunked"])
 def test_both_methods_give_one_1024_feature_per_frame(dataset, backbone, method):
     frames_dir, _ = dataset
-    config = FeatureConfig(method=method, batch_size=3, chunk_size=8, chunk_context=8)
+    config = config_(method=method, batch_size=3)
     with FrameReader(frames_path(frames_dir, "v2")) as reader:
         features = video_features(backbone.model, reader, config, CPU)
     assert features.shape == (5, 1024) and features.dtype == np.float32
@@ -125,7 +135,7 @@ def test_both_methods_give_one_1024_feature_per_frame(dataset, backbone, method)
 
 def test_window_feature_is_the_clip_centred_on_its_frame(dataset, backbone):
     frames_dir, _ = dataset
-    config = FeatureConfig(method="window", batch_size=4)
+    config = config_(method="window", batch_size=4)
     with FrameReader(frames_path(frames_dir, "v2")) as reader:
         features = video_features(backbone.model, reader, config, CPU)
         frames = reader.read(0, 5)
@@ -140,8 +150,8 @@ def test_window_feature_is_the_clip_centred_on_its_frame(dataset, backbone):
 def test_chunked_features_do_not_depend_on_the_batch_size(dataset, backbone):
     frames_dir, _ = dataset
     with FrameReader(frames_path(frames_dir, "v1")) as reader:  # 11 frames: two chunks of 8
-        one = video_features(backbone.model, reader, FeatureConfig(batch_size=1, chunk_size=8, chunk_context=8), CPU)
-        two = video_features(backbone.model, reader, FeatureConfig(batch_size=2, chunk_size=8, chunk_context=8), CPU)
+        one = video_features(backbone.model, reader, config_(batch_size=1), CPU)
+        two = video_features(backbone.model, reader, config_(batch_size=2), CPU)
     np.testing.assert_allclose(one, two, rtol=1e-4, atol=1e-5)
     assert not np.allclose(one[3], one[9])
 
@@ -167,7 +177,7 @@ def test_without_weights_a_warning_says_the_backbone_is_not_pretrained():
 )
 def test_bad_settings_are_errors_naming_the_param(kwargs):
     with pytest.raises(EtesvsError, match=f"features.{next(iter(kwargs))}"):
-        FeatureConfig(**kwargs)
+        config_(**kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -177,7 +187,7 @@ def test_bad_settings_are_errors_naming_the_param(kwargs):
 
 def test_store_has_one_complete_dataset_per_video_with_attributes(tmp_path, dataset, backbone):
     frames_dir, _ = dataset
-    config = FeatureConfig(method="chunked", batch_size=2, chunk_size=8, chunk_context=8, dtype="float16")
+    config = config_(dtype="float16")
     stats = extract_features(
         list(COUNTS), frames_dir=frames_dir, out_dir=tmp_path, backbone=backbone, config=config, dist=SINGLE,
         device=CPU, num_frames=COUNTS, progress=False,
@@ -242,7 +252,7 @@ def test_partial_file_with_other_settings_or_corrupt_is_started_over(tmp_path, d
     partial = partial_path(tmp_path, 0, 1)
     features_module._extract_shard(
         ["v2"], frames_dir=frames_dir, num_frames=None, partial=partial, backbone=backbone,
-        config=FeatureConfig(method="window", batch_size=5), device=CPU, progress=False, description="",
+        config=config_(method="window", batch_size=5), device=CPU, progress=False, description="",
     )
     calls = _counting(monkeypatch)
     run = dict(frames_dir=frames_dir, out_dir=tmp_path, backbone=backbone, config=TINY, dist=SINGLE, device=CPU)
@@ -308,84 +318,84 @@ def test_import_can_fix_small_length_differences(tmp_path):
 # The stages, end to end
 # ---------------------------------------------------------------------------------------------------------------
 
-STAGE_ARGS = ["--method", "chunked", "--chunk-size", "8", "--chunk-context", "8", "--batch-size", "2", "--seed", "3"]
+STAGE_PARAMS = {"seed": 3, "features": {"weights": "", **BASE}}
 
 
-def _stage(name: str):
-    """Import ``stages/<name>.py`` as a module, to run its ``main`` in this process."""
-    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _stage_workdir(root: Path, **features) -> Path:
+    """A working directory as DVC runs extract_features in (dvc.yaml, params.yaml with small chunks)."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    params = {"seed": 3, "features": {"weights": "", **BASE, **features}}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
 
 
-def _run_stage(name: str, argv: list[str]) -> int:
-    """Run a stage's main through run_main like ``python stages/<name>.py``; returns the exit code."""
-    try:
-        run_main(lambda: _stage(name).main(argv))
-    except SystemExit as exit_:
-        return int(exit_.code)
-    return 0
+def _extract(workdir: Path, frames_dir: Path, labels_dir: Path, launcher: list[str]) -> subprocess.CompletedProcess:
+    command = [*launcher, str(ROOT / "stages/extract_features.py"), "--frames", str(frames_dir), "--labels",
+               str(labels_dir), "--out", "features"]
+    env = {**{k: v for k, v in os.environ.items() if k != "DVC_STAGE"}, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, cwd=workdir, timeout=300)
 
 
 @pytest.mark.slow
-def test_torchrun_gives_the_same_features_as_one_process(tmp_path, dataset, capsys):
+def test_torchrun_gives_the_same_features_as_one_process(tmp_path, dataset):
     frames_dir, labels_dir = dataset
-    common = ["--frames", str(frames_dir), "--labels", str(labels_dir), *STAGE_ARGS]
-    code = _run_stage("extract_features", [*common, "--out", str(tmp_path / "single"),
-                                           "--metrics", str(tmp_path / "metrics.json")])
-    assert code == 0
-    assert "warning: no I3D weights given" in capsys.readouterr().err
-    info = json.loads((tmp_path / "single" / "info.json").read_text())
+    single = _extract(_stage_workdir(tmp_path / "single"), frames_dir, labels_dir, [sys.executable])
+    assert single.returncode == 0, single.stderr
+    assert "warning: no I3D weights given" in single.stderr and "extract_features: 3 videos (3 computed" in single.stdout
+    info = json.loads((tmp_path / "single" / "features" / "info.json").read_text())
     assert info["backbone_pretrained"] is False and info["params"] == 12_287_264 and info["flops_per_frame"] > 0
-    assert info["videos_computed"] == 3 and info["frames_per_second"] > 0
-    assert json.loads((tmp_path / "metrics.json").read_text()) == info
+    assert "frames_per_second" not in info and "videos_computed" not in info, "no timings or run counts in info.json"
 
-    distributed = subprocess.run(
-        [TORCHRUN, "--nproc_per_node", "2", "--standalone", str(ROOT / "stages/extract_features.py"), *common,
-         "--out", str(tmp_path / "ddp")],
-        capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
-    )
+    distributed = _extract(_stage_workdir(tmp_path / "ddp"), frames_dir, labels_dir,
+                           [TORCHRUN, "--nproc_per_node", "2", "--standalone"])
     assert distributed.returncode == 0, distributed.stderr
-    assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["features.h5", "info.json"]
-    assert json.loads((tmp_path / "ddp" / "info.json").read_text())["ranks"] == 2
-    expected, got = read_store(tmp_path / "single" / "features.h5"), read_store(tmp_path / "ddp" / "features.h5")
+    assert sorted(p.name for p in (tmp_path / "ddp" / "features").iterdir()) == ["features.h5", "info.json"]
+    assert json.loads((tmp_path / "ddp" / "features" / "info.json").read_text()) == info
+    expected = read_store(tmp_path / "single" / "features" / "features.h5")
+    got = read_store(tmp_path / "ddp" / "features" / "features.h5")
     assert got.keys() == expected.keys() == COUNTS.keys()
     for video in expected:
         np.testing.assert_allclose(got[video], expected[video], rtol=1e-5, atol=1e-6)
 
 
-def test_stage_with_a_bad_weights_file_fails_with_one_line(tmp_path, dataset, capsys):
+def test_a_bad_weights_file_fails_with_one_line_and_writes_nothing(tmp_path, dataset):
     frames_dir, labels_dir = dataset
     weights = tmp_path / "rgb_imagenet.pt"
     weights.write_bytes(b"not a torch file")
-    code = _run_stage("extract_features", ["--frames", str(frames_dir), "--labels", str(labels_dir),
-                                           "--out", str(tmp_path / "out"), "--weights", str(weights), *STAGE_ARGS])
-    assert code == 1
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: {weights}: cannot read I3D weights")
+    with pytest.raises(EtesvsError, match=f"^{weights}: cannot read I3D weights"):
+        extract_dataset_features({"weights": str(weights), **BASE}, seed=3, frames_dir=frames_dir,
+                                 labels_dir=labels_dir, out_dir=tmp_path / "out", dist=SINGLE)
     assert not (tmp_path / "out" / "features.h5").exists()
 
 
-def test_import_stage_reports_a_bad_file_in_one_line(tmp_path, capsys):
+def _import(argv: list[str]) -> int:
+    """``python -m etesvs.import_features ARGV`` in this process; returns the exit code."""
+    try:
+        run_main(lambda: import_features_main(argv))
+    except SystemExit as exit_:
+        return int(exit_.code)
+    return 0
+
+
+def test_import_command_reports_a_bad_file_in_one_line(tmp_path, capsys):
     np.save(tmp_path / "v1.npy", np.zeros((3, 2048), np.float32))
     argv = ["--npy-dir", str(tmp_path), "--out", str(tmp_path / "features.h5"), "--fps", "15"]
-    assert _run_stage("import_features", argv) == 1
+    assert _import(argv) == 1
     assert capsys.readouterr().err.strip() == (
         f"error: {tmp_path / 'v1.npy'}: expected an array of shape (2048, T), got (3, 2048) (transposed?)"
     )
     assert not (tmp_path / "features.h5").exists()
 
 
-def test_import_stage_writes_features_and_info(tmp_path, dataset):
+def test_import_command_writes_features_and_info(tmp_path, dataset):
     _, labels_dir = dataset
     npy_dir = tmp_path / "npy"
     npy_dir.mkdir()
     for video, count in COUNTS.items():
         np.save(npy_dir / f"{video}.npy", np.full((2048, count), count, np.float32))
     out = tmp_path / "features" / "features.h5"
-    argv = ["--npy-dir", str(npy_dir), "--out", str(out), "--labels", str(labels_dir)]
-    assert _run_stage("import_features", argv) == 0
+    assert _import(["--npy-dir", str(npy_dir), "--out", str(out), "--labels", str(labels_dir)]) == 0
     assert {video: array.shape for video, array in read_store(out).items()} == {v: (c, 2048) for v, c in COUNTS.items()}
     assert json.loads((out.parent / "info.json").read_text())["backbone_pretrained"] is True
 

@@ -20,7 +20,7 @@ from etesvs.data.frames import (
     write_frame_container,
 )
 from etesvs.errors import EtesvsError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_stage, stage_workdir
 
 
 def make_video(path: Path, frames: int, fps: int = 15, size: str = "64x48") -> Path:
@@ -139,13 +139,12 @@ def test_extract_frames_resumes_and_skips(tmp_path):
     assert [r.status for r in results] == ["done"] and FrameReader(frames_path(out, "good")).height == 24
 
 
-def _stage(tmp_path, *extra):
-    return subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "extract_frames.py"), "--root", str(tmp_path / "raw"),
-         "--labels", str(tmp_path / "labels"), "--out", str(tmp_path / "frames"), "--report", str(tmp_path / "report.json"),
-         "--fps", "15", "--short-side", "32", "--tolerance", "1", "--workers", "2", *extra],
-        capture_output=True, text=True,
-    )
+def _stage(tmp_path, *, skip_bad_videos=False):
+    params = {"dataset": {"fps": 15, "image_size": 32, "video_path_rules": ""},
+              "frames": {"jpeg_quality": 3, "tolerance": 1, "workers": 2, "skip_bad_videos": skip_bad_videos}}
+    return run_stage("extract_frames", "--root", str(tmp_path / "raw"), "--labels", str(tmp_path / "labels"),
+                     "--out", str(tmp_path / "frames"), "--report", str(tmp_path / "report.json"),
+                     cwd=stage_workdir(tmp_path / "work", params))
 
 
 def _labels(tmp_path, counts):
@@ -165,11 +164,11 @@ def test_stage_one_line_errors_and_report(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'raw' / 'Videos' / 'v2.mp4'}: empty video file"
     assert "Traceback" not in result.stderr and not (tmp_path / "report.json").exists()
-    result = _stage(tmp_path, "--skip-bad-videos", "true")
+    result = _stage(tmp_path, skip_bad_videos=True)
     assert result.returncode == 0, result.stderr
     report = json.loads((tmp_path / "report.json").read_text())
-    assert report["skipped_bad_videos"][0]["video"] == "v2"
-    assert report["extracted"] + report["already_done"] == 1, "the good video was kept from the first run"
+    assert report["skipped_bad_videos"][0]["video"] == "v2" and report["videos"] == 2 and report["frames"] == 8
+    assert "0 decoded, 1 already done, 1 skipped" in result.stdout, "the good video was kept from the first run"
 
 
 def test_stage_frame_count_beyond_tolerance(tmp_path):

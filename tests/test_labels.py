@@ -16,7 +16,7 @@ from etesvs.data.labels import (
 )
 from etesvs.data.layout import DatasetLayout
 from etesvs.errors import EtesvsError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_stage, stage_workdir
 
 
 def make_dataset(root, videos=None, mapping="0 background\n1 take\n2 pour\n"):
@@ -82,11 +82,9 @@ def test_convert_labels_bad_input_stage(tmp_path, fault, expected):
     elif fault == "missing_video":
         (root / "splits" / "train.split1.bundle").write_text("a.txt\nzzz.txt\n")
     out = tmp_path / "labels"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "stages" / "convert_labels.py"), "--root", str(root), "--out", str(out),
-         "--dataset", "toy", "--split", "1", "--fps", "15", "--background", "background"],
-        capture_output=True, text=True,
-    )
+    workdir = stage_workdir(tmp_path / "work", {"dataset": {"name": "toy", "split": 1, "fps": 15,
+                                                            "background": "background"}})
+    result = run_stage("convert_labels", "--root", str(root), "--out", str(out), cwd=workdir)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")

@@ -12,6 +12,7 @@ from etesvs.models.asrf import ActionSegmentRefinementFramework, detect_boundari
 from etesvs.models.frame_classifier import FrameClassifier
 from etesvs.models.mstcn import MultiStageTCN
 from etesvs.models.tcn import DilatedResidualLayer, DilatedStack, SingleStageTCN
+from tests.conftest import default_config
 
 IN_CHANNELS, NUM_CLASSES = 6, 5
 
@@ -32,9 +33,14 @@ MODEL_CASES = [
 ]
 
 
+SECTIONS = {MultiStageTCN: "mstcn", ASFormer: "asformer", ActionSegmentRefinementFramework: "asrf",
+            FrameClassifier: "frame_classifier"}
+
+
 def _build(cls, kwargs) -> nn.Module:
+    """``cls`` with conf/'s arguments changed by ``kwargs``."""
     torch.manual_seed(0)
-    return cls(in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, **kwargs)
+    return cls(in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, **{**default_config()[SECTIONS[cls]]["model"], **kwargs})
 
 
 def _class_logits(output) -> torch.Tensor:
@@ -125,8 +131,8 @@ def test_dilated_residual_layer_receptive_field(dilation, causal):
 
 
 @pytest.mark.parametrize("model_cls, kwargs", [
-    (SingleStageTCN, dict(num_layers=4, num_feature_maps=8, causal=True)),
-    (MultiStageTCN, dict(num_stages=3, num_layers=4, num_feature_maps=8, causal=True)),
+    (SingleStageTCN, dict(num_layers=4, num_feature_maps=8, dropout=0.5, causal=True)),
+    (MultiStageTCN, dict(num_stages=3, num_layers=4, num_feature_maps=8, dropout=0.5, causal=True)),
 ])
 def test_causal_models_do_not_look_at_future_frames(model_cls, kwargs):
     torch.manual_seed(0)
@@ -142,7 +148,8 @@ def test_causal_models_do_not_look_at_future_frames(model_cls, kwargs):
 
 def test_non_causal_stage_sees_the_future():
     torch.manual_seed(0)
-    model = SingleStageTCN(in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, num_layers=3, num_feature_maps=8).eval()
+    model = SingleStageTCN(in_channels=IN_CHANNELS, num_classes=NUM_CLASSES, num_layers=3, num_feature_maps=8,
+                           dropout=0.5).eval()
     x, mask = torch.randn(1, IN_CHANNELS, 30), torch.ones(1, 1, 30)
     future = x.clone()
     future[:, :, 20] += 3.0
@@ -150,7 +157,7 @@ def test_non_causal_stage_sees_the_future():
 
 
 def test_dilated_stack_receptive_field():
-    assert DilatedStack(channels=4, num_layers=3).receptive_field == 1 + 2 * (1 + 2 + 4)
+    assert DilatedStack(channels=4, num_layers=3, dropout=0.5).receptive_field == 1 + 2 * (1 + 2 + 4)
 
 
 def _naive_window_attention(query, key, value, mask, window):
@@ -200,11 +207,11 @@ def test_detect_boundaries_local_maxima_threshold_and_distance():
     # With distance 4, 7 is suppressed by 3 (0.8 >= 0.7 within 4 frames).
     assert detect_boundaries(probability, threshold=0.5, min_distance=4).tolist() == [3, 13]
     # Frame 0 always starts a segment and is never reported.
-    assert detect_boundaries(np.array([0.9, 0.1, 0.1]), threshold=0.5).tolist() == []
+    assert detect_boundaries(np.array([0.9, 0.1, 0.1]), threshold=0.5, min_distance=1).tolist() == []
     # A plateau yields its first frame only.
     assert detect_boundaries(np.array([0, 0.9, 0.9, 0.9, 0]), threshold=0.5, min_distance=3).tolist() == [1]
     assert detect_boundaries(np.array([0, 0.9, 0.9, 0.9, 0]), threshold=0.5, min_distance=2).tolist() == [1, 3]
-    assert detect_boundaries(np.array([0.7]), threshold=0.5).tolist() == []
+    assert detect_boundaries(np.array([0.7]), threshold=0.5, min_distance=1).tolist() == []
 
 
 def test_refine_with_boundaries_takes_the_majority_of_each_span():

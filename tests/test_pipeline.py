@@ -16,23 +16,8 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-# Small enough for CI, big enough that every stage has real work (train and test videos, several classes).
-TINY = [
-    "demo.num_videos=8",
-    "demo.num_subjects=2",
-    "demo.min_seconds=4",
-    "demo.max_seconds=6",
-    "demo.width=64",
-    "demo.height=48",
-    "dataset.image_size=48",
-    "frames.workers=2",
-    "features.crop_size=32",
-    "temporal.epochs=2",
-    "streaming.epochs=2",
-    "streaming.image_size=32",
-    "streaming.num_workers=0",
-    "window=16",
-]
+# conf/experiment/tiny.yaml: small enough for CI, big enough that every stage has real work.
+OVERRIDES = ["experiment=tiny"]
 TEMPORAL = ["mstcn", "asrf", "asformer", "frame_classifier"]
 MODELS = TEMPORAL + ["etesvs"]
 PROJECT_FILES = ["etesvs", "stages", "conf", "dvc.yaml", ".dvcignore", "pyproject.toml"]
@@ -52,9 +37,9 @@ def repo(tmp_path_factory) -> Path:
             shutil.copytree(source, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(source, repo / name)
-    from dvc.utils.hydra import compose_and_dump
+    from etesvs.params import compose
 
-    compose_and_dump(repo / "params.yaml", str(repo / "conf"), None, "config", str(repo), TINY)
+    compose(OVERRIDES, out=repo / "params.yaml", root=repo)
     for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "hydra.enabled", "true"]):
         result = run(command, repo)
         assert result.returncode == 0, result.stderr
@@ -108,7 +93,7 @@ def test_features_predictions_and_reports(repo):
     with h5py.File(repo / "data" / "features" / "features.h5", "r") as features:
         for video in info.train + info.test:
             assert features[video].shape == (info.num_frames[video], 1024)
-    extractor = json.loads((repo / "reports" / "extract_features.json").read_text())
+    extractor = json.loads((repo / "data" / "features" / "info.json").read_text())
     assert extractor["backbone_pretrained"] is False and extractor["flops_per_frame"] > 0
     for model in MODELS:
         with h5py.File(repo / "data" / "predictions" / model / "probs.h5", "r") as probs:
@@ -133,11 +118,12 @@ def test_features_predictions_and_reports(repo):
         assert f"| {model} |" in summary
 
 
-def test_metrics_show_lists_every_model(repo):
+def test_metrics_show_lists_every_model_and_nothing_else(repo):
     result = run(["dvc", "metrics", "show"], repo)
     assert result.returncode == 0, result.stderr
     for model in MODELS:
         assert f"reports/{model}/metrics.json" in result.stdout
+    assert "extract_frames" not in result.stdout and "frames_per_second" not in result.stdout
 
 
 def test_stream_command_on_the_trained_checkpoint(repo, tmp_path):

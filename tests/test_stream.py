@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from etesvs.data.frames import ffmpeg_exe
-from etesvs.engine import save_checkpoint
+from etesvs.checkpoints import save_checkpoint
 from etesvs.errors import EtesvsError
 from etesvs.models.streaming import StreamingSegmenter
 from etesvs.stream import SegmentTracker, load_stream_model, run_stream
@@ -22,8 +22,8 @@ from etesvs.stream import SegmentTracker, load_stream_model, run_stream
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 CLASSES = ["background", "wave", "point"]
-MODEL_ARGS = {"num_classes": 3, "width_mult": 0.35, "memory_channels": 8, "head": "causal_tcn", "head_layers": 3,
-              "head_channels": 8, "dropout": 0.0, "norm": "group"}  # fmt: skip
+MODEL_ARGS = {"num_classes": 3, "width_mult": 0.35, "temporal_shift": False, "memory_channels": 8,
+              "head": "causal_tcn", "head_layers": 3, "head_channels": 8, "dropout": 0.0, "norm": "group"}
 
 
 def make_checkpoint(

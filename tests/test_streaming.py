@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,17 +14,20 @@ import h5py
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from etesvs.data.frames import write_frame_container
 from etesvs.data.windows import PADDING, LockstepWindowSampler, VideoWindows, lockstep_schedule
 from etesvs.io import write_json
-from etesvs.models.streaming import HEADS, StreamingSegmenter, load_pretrained_backbone, streaming_loss, temporal_shift
-from etesvs.streaming_engine import predict_probabilities, split_validation
+from etesvs.losses import streaming_loss
+from etesvs.models.streaming import HEADS, StreamingSegmenter, load_pretrained_backbone, temporal_shift
+from etesvs.streaming_training import predict
 from etesvs.errors import EtesvsError
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-TINY = {"width_mult": 0.35, "memory_channels": 8, "head_layers": 3, "head_channels": 8}
+TINY = {"width_mult": 0.35, "temporal_shift": False, "memory_channels": 8, "head": "causal_tcn", "head_layers": 3,
+        "head_channels": 8, "norm": "batch"}
 
 
 def tiny_model(**overrides) -> StreamingSegmenter:
@@ -81,7 +86,8 @@ def test_shapes_masking_and_gradients(head, shift, norm):
     assert torch.all(outputs["head_logits"][1, :, 3:] == 0) and torch.all(outputs["head_logits"][2] == 0)
     assert torch.all(outputs["backbone_logits"][2] == 0)
     labels = torch.randint(0, 4, (3, 5))
-    loss = streaming_loss(outputs, labels, mask, frame_weights=torch.full((3,), 0.2), window_weights=torch.ones(3))
+    loss = streaming_loss(outputs, labels, mask, frame_weights=torch.full((3,), 0.2), window_weights=torch.ones(3),
+                          smoothing_weight=0.15)
     loss["loss"].backward()
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
@@ -165,7 +171,8 @@ def test_loss_ignores_padding_and_weights_rows():
     labels = torch.tensor([[0, 0, 1, 1, 2], [2, 2, 2, 0, 1]])
     other = labels.clone()
     other[1, 3:] = 2  # different labels on padding frames
-    weights = {"frame_weights": torch.tensor([1.0, 0.5]), "window_weights": torch.tensor([1.0, 0.5])}
+    weights = {"frame_weights": torch.tensor([1.0, 0.5]), "window_weights": torch.tensor([1.0, 0.5]),
+               "smoothing_weight": 0.15}
     first = streaming_loss(outputs, labels, mask, **weights)
     second = streaming_loss(outputs, other, mask, **weights)
     assert float(first["loss"]) == pytest.approx(float(second["loss"]))
@@ -175,7 +182,7 @@ def test_loss_ignores_padding_and_weights_rows():
     assert float(first["backbone"]) == pytest.approx(float(row0 + 0.5 * row1), rel=1e-5)
     # Dropping a row's weight to zero removes it.
     only_first = streaming_loss(outputs, labels, mask, frame_weights=torch.tensor([1.0, 0.0]),
-                                window_weights=torch.tensor([1.0, 0.0]))  # fmt: skip
+                                window_weights=torch.tensor([1.0, 0.0]), smoothing_weight=0.15)  # fmt: skip
     assert float(only_first["head"]) == pytest.approx(
         float(torch.nn.functional.cross_entropy(outputs["head_logits"][:1], labels[:1], reduction="sum")), rel=1e-5
     )
@@ -236,7 +243,8 @@ def test_interleaved_groups_alternate_with_their_own_slots_and_update_flags():
 
 def test_video_windows_samples(tmp_path):
     frames_dir, labels_dir = make_dataset(tmp_path, {"a": 21, "b": 9})
-    dataset = VideoWindows(frames_dir, labels_dir, ["a", "b"], window=8, sample_rate=2, image_size=32, train=True)
+    dataset = VideoWindows(frames_dir, labels_dir, ["a", "b"], window=8, sample_rate=2, image_size=32, train=True,
+                           augment=True)
     sampler = LockstepWindowSampler(dataset.lengths, batch_videos=2, window=8)
     steps = list(sampler)
     assert len(steps) == 3
@@ -259,7 +267,7 @@ def test_video_windows_samples(tmp_path):
 def test_predictions_are_full_rate_distributions(tmp_path):
     frames_dir, labels_dir = make_dataset(tmp_path, {"a": 21, "b": 9, "c": 14})
     dataset = VideoWindows(frames_dir, labels_dir, ["a", "b", "c"], window=8, sample_rate=2, image_size=32)
-    probabilities = predict_probabilities(tiny_model(), dataset, batch_videos=2, device=torch.device("cpu"))
+    probabilities = predict(tiny_model(), dataset, batch_videos=2, device=torch.device("cpu"))
     assert {video: p.shape for video, p in probabilities.items()} == {"a": (21, 4), "b": (9, 4), "c": (14, 4)}
     for values in probabilities.values():
         np.testing.assert_allclose(values.sum(axis=1), 1.0, atol=1e-5)
@@ -267,90 +275,89 @@ def test_predictions_are_full_rate_distributions(tmp_path):
         np.testing.assert_array_equal(values[0 : 2 * pairs : 2], values[1 : 2 * pairs : 2])
 
 
-def test_validation_split_is_seeded_and_disjoint():
-    videos = [f"v{i}" for i in range(10)]
-    train, val = split_validation(videos, 0.2, seed=1)
-    assert len(val) == 2 and not set(train) & set(val) and sorted(train + val) == sorted(videos)
-    assert split_validation(videos, 0.2, seed=1) == (train, val)
-    assert split_validation(videos, 0.0, seed=1) == (videos, [])
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # The stage, in one process and under torchrun
 
 
-def stage_command(root: Path, frames_dir: Path, labels_dir: Path, out: str, **overrides) -> list[str]:
-    settings = {
-        "--epochs": 2, "--lr": 0.01, "--batch-videos": 2, "--window": 8, "--sample-rate": 1, "--image-size": 32,
-        "--num-workers": 0, "--val-fraction": 0.3, "--width-mult": 0.35, "--memory-channels": 8, "--head-layers": 3,
-        "--head-channels": 8, "--dropout": 0.0, "--norm": "group", "--seed": 0,
-        **overrides,
-    }  # fmt: skip
-    command = [
-        "--frames", str(frames_dir), "--labels", str(labels_dir), "--checkpoints", str(root / out / "models"),
-        "--predictions", str(root / out / "predictions"), "--curves", str(root / out / "train" / "curves.csv"),
-        "--summary", str(root / out / "train" / "summary.json"), "--tensorboard", str(root / out / "tensorboard"),
-    ]  # fmt: skip
-    for key, value in settings.items():
-        command += [key, str(value)]
-    return command
+def stage_workdir(root: Path, default_params: dict, **train) -> Path:
+    """A working directory as DVC runs the stage in (dvc.yaml, params.yaml) with a tiny, fast configuration."""
+    section = copy.deepcopy(default_params["streaming"])
+    section["model"].update(memory_channels=8, head_layers=3, head_channels=8, dropout=0.0, norm="group")
+    section["data"].update(image_size=32)
+    section["train"].update(epochs=2, lr=0.01, batch_videos=2, num_workers=0, val_fraction=0.3, num_threads=0)
+    section["train"].update(train)
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
+    params = {"seed": 0, "window": 8, "dataset": {"sample_rate": 1}, "streaming": section}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root
+
+
+def stage_command(frames_dir: Path, labels_dir: Path) -> list[str]:
+    return ["--frames", str(frames_dir), "--labels", str(labels_dir), "--checkpoints", "models",
+            "--predictions", "predictions", "--curves", "train/curves.csv", "--tensorboard", "tensorboard"]
 
 
 def _environment() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return {**{k: v for k, v in os.environ.items() if k != "DVC_STAGE"}, "OMP_NUM_THREADS": "1"}
 
 
 @pytest.mark.slow
-def test_stage_end_to_end_and_resume(tmp_path):
+def test_stage_end_to_end_and_resume(tmp_path, default_params):
     frames_dir, labels_dir = make_dataset(tmp_path, {"a": 30, "b": 20, "c": 25, "d": 17, "e": 22})
-    stage = str(ROOT / "stages" / "train_streaming.py")
-    command = [PYTHON, stage, *stage_command(tmp_path, frames_dir, labels_dir, "run")]
-    first = subprocess.run(command, capture_output=True, text=True, env=_environment(), timeout=300)
+    workdir = stage_workdir(tmp_path / "run", default_params)
+    command = [PYTHON, str(ROOT / "stages" / "train_streaming.py"), *stage_command(frames_dir, labels_dir)]
+    first = subprocess.run(command, capture_output=True, text=True, env=_environment(), cwd=workdir, timeout=300)
     assert first.returncode == 0, first.stderr
-    assert "epoch 2/2" in first.stdout
-    with h5py.File(tmp_path / "run" / "predictions" / "probs.h5") as handle:
+    assert "etesvs epoch 2/2: loss" in first.stdout and first.stdout.rstrip().splitlines()[-1].startswith(
+        "train_streaming: ")
+    with h5py.File(workdir / "predictions" / "probs.h5") as handle:
         assert sorted(handle) == ["e"]
         values = handle["e"][()]
     assert values.shape == (22, 4) and values.dtype == np.float32
     np.testing.assert_allclose(values.sum(axis=1), 1.0, atol=1e-5)
-    model_json = json.loads((tmp_path / "run" / "predictions" / "model.json").read_text())
+    model_json = json.loads((workdir / "predictions" / "model.json").read_text())
     assert model_json["model"] == "etesvs" and model_json["backbone_pretrained"] is False
     assert model_json["flops_per_frame"] > 0 and model_json["params"] > 0
     assert (model_json["window"], model_json["sample_rate"]) == (8, 1)
-    assert set(model_json["validation_videos"]) <= {"a", "b", "c", "d"}  # never the test video
-    curves = (tmp_path / "run" / "train" / "curves.csv").read_text().splitlines()
-    assert curves[0].startswith("epoch,loss") and len(curves) == 3
-    assert any((tmp_path / "run" / "tensorboard").iterdir())
-    checkpoint = torch.load(tmp_path / "run" / "models" / "best.pt", weights_only=True)
+    assert set(model_json["val_videos"]) <= {"a", "b", "c", "d"}  # never the test video
+    curves = (workdir / "train" / "curves.csv").read_text().splitlines()
+    assert curves[0].startswith("epoch,train_loss,train_head,") and len(curves) == 3
+    assert any((workdir / "tensorboard").iterdir())
+    checkpoint = torch.load(workdir / "models" / "best.pt", weights_only=True)
     assert checkpoint["classes"] == ["class0", "class1", "class2", "class3"] and checkpoint["fps"] == 15.0
     # A rerun with the same settings resumes after the last finished epoch instead of training again.
-    second = subprocess.run(command, capture_output=True, text=True, env=_environment(), timeout=300)
+    second = subprocess.run(command, capture_output=True, text=True, env=_environment(), cwd=workdir, timeout=300)
     assert second.returncode == 0, second.stderr
     assert "resuming from" in second.stdout and "epoch 1/2" not in second.stdout
-    assert (tmp_path / "run" / "train" / "curves.csv").read_text().splitlines() == curves
+    assert (workdir / "train" / "curves.csv").read_text().splitlines() == curves
     # A bad setting stops with one line naming it.
-    bad = subprocess.run([*command, "--window", "7", "--sample-rate", "2"], capture_output=True, text=True,
-                         env=_environment(), timeout=120)  # fmt: skip
-    assert bad.returncode == 1 and bad.stderr.strip().startswith("error:") and "window (7)" in bad.stderr
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params.update(window=7, dataset={"sample_rate": 2})
+    (workdir / "params.yaml").write_text(yaml.safe_dump(params))
+    bad = subprocess.run(command, capture_output=True, text=True, env=_environment(), cwd=workdir, timeout=120)
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("error: params.yaml: streaming:")
+    assert "window (7)" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one(tmp_path):
+def test_two_gloo_processes_match_one(tmp_path, default_params):
     """2 processes with one video each of every pair = 1 process with both (GroupNorm, no dropout)."""
     frames_dir, labels_dir = make_dataset(tmp_path, {"a": 20, "b": 13, "c": 16}, train=["a", "b"], test=["c"])
-    overrides = {"--epochs": 1, "--val-fraction": 0.0}
-    single = [PYTHON, str(ROOT / "stages" / "train_streaming.py"),
-              *stage_command(tmp_path, frames_dir, labels_dir, "one", **overrides)]  # fmt: skip
+    stage = str(ROOT / "stages" / "train_streaming.py")
     torchrun = str(Path(PYTHON).with_name("torchrun"))
-    double = [torchrun, "--standalone", "--nproc_per_node", "2", str(ROOT / "stages" / "train_streaming.py"),
-              *stage_command(tmp_path, frames_dir, labels_dir, "two", **overrides)]  # fmt: skip
-    for command in (single, double):
-        result = subprocess.run(command, capture_output=True, text=True, env=_environment(), timeout=300)
+    runs = {"one": [PYTHON, stage], "two": [torchrun, "--standalone", "--nproc_per_node", "2", stage]}
+    for name, launcher in runs.items():
+        # One optimiser step per group of videos, so that both runs take exactly the same single step.
+        workdir = stage_workdir(tmp_path / name, default_params, epochs=1, val_fraction=0.0, update_every=0,
+                                interleave=1)
+        result = subprocess.run([*launcher, *stage_command(frames_dir, labels_dir)], capture_output=True,
+                                text=True, env=_environment(), cwd=workdir, timeout=300)
         assert result.returncode == 0, result.stderr[-3000:]
     one = torch.load(tmp_path / "one" / "models" / "last.pt", weights_only=True)
     two = torch.load(tmp_path / "two" / "models" / "last.pt", weights_only=True)
     for key in ("loss", "head", "memory", "backbone", "grad_norm"):
-        assert two["history"][0][key] == pytest.approx(one["history"][0][key], rel=1e-5), key
+        assert two["history"][0][f"train_{key}"] == pytest.approx(one["history"][0][f"train_{key}"], rel=1e-5), key
     # Adam's first moment after one step is 0.1 x the gradient: the gradients of both runs agree.
     first_moments = [(one["optimizer"]["state"][i]["exp_avg"], two["optimizer"]["state"][i]["exp_avg"])
                      for i in one["optimizer"]["state"]]  # fmt: skip

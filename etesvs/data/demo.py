@@ -120,14 +120,14 @@ class DemoConfig:
     and the split ``K`` (1-based) tests on subject ``K``.
     """
 
-    num_videos: int = 40
-    num_subjects: int = 4
-    min_seconds: float = 15.0
-    max_seconds: float = 25.0
-    width: int = 128
-    height: int = 96
-    fps: float = 15.0
-    seed: int = 0
+    num_videos: int
+    num_subjects: int
+    min_seconds: float
+    max_seconds: float
+    width: int
+    height: int
+    fps: float
+    seed: int
 
     def __post_init__(self) -> None:
         faults = []

@@ -232,8 +232,8 @@ class VideoWindows(Dataset):
         sample_rate: the network sees every ``sample_rate``-th frame.
         image_size: side S of the square network input.
         train: training windows (augmented when ``augment``); otherwise the whole frame is resized.
-        augment: random resized crop and colour jitter (and flips when ``flip``) in training. They help a model
-            generalise to new scenes but slow down learning from scratch a lot on small data.
+        augment: random resized crop and colour jitter (and flips when ``flip``) in training (``train``). They
+            help a model generalise to new scenes but slow down learning from scratch a lot on small data.
         flip: also flip horizontally half of the windows in training (not for data where left and right, or the
             direction of a rotation, tell classes apart).
         seed: augmentation parameters are drawn from a generator seeded by (seed, epoch, video, window), so they do
@@ -247,16 +247,17 @@ class VideoWindows(Dataset):
         videos: Sequence[str],
         *,
         window: int,
-        sample_rate: int = 1,
-        image_size: int = 96,
+        sample_rate: int,
+        image_size: int,
         train: bool = False,
-        augment: bool = True,
+        augment: bool = False,
         flip: bool = False,
         seed: int = 0,
     ) -> None:
         if sample_rate < 1 or window < 1 or window % sample_rate:
             raise ValueError(f"window ({window}) must be a positive multiple of sample_rate ({sample_rate})")
         self.frames_dir = Path(frames_dir)
+        self.labels_dir = Path(labels_dir)
         self.videos = list(videos)
         self.window = window
         self.sample_rate = sample_rate

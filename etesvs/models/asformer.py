@@ -106,7 +106,7 @@ class AttentionBlock(nn.Module):
         channels: int,
         cross: bool = False,
         alpha: float = 1.0,
-        dropout: float = 0.5,
+        dropout: float,
         reduction: int = 2,
     ) -> None:
         super().__init__()
@@ -179,11 +179,11 @@ class ASFormer(nn.Module):
         *,
         in_channels: int,
         num_classes: int,
-        num_layers: int = 10,
-        num_feature_maps: int = 64,
-        num_decoders: int = 3,
-        dropout: float = 0.5,
-        channel_dropout: float = 0.3,
+        num_layers: int,
+        num_feature_maps: int,
+        num_decoders: int,
+        dropout: float,
+        channel_dropout: float,
     ) -> None:
         super().__init__()
         self.channel_dropout = nn.Dropout1d(channel_dropout)

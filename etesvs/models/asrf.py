@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from etesvs.models.tcn import SingleStageTCN
 
 
-def detect_boundaries(probability: np.ndarray, *, threshold: float = 0.5, min_distance: int = 1) -> np.ndarray:
+def detect_boundaries(probability: np.ndarray, *, threshold: float, min_distance: int) -> np.ndarray:
     """Frames where a segment is detected to start: local maxima of the boundary probability.
 
     A frame is a boundary if its probability is >= ``threshold`` and is the maximum within ``min_distance``
@@ -86,13 +86,13 @@ class ActionSegmentRefinementFramework(nn.Module):
         *,
         in_channels: int,
         num_classes: int,
-        num_layers: int = 10,
-        num_feature_maps: int = 64,
-        num_stages_segmentation: int = 4,
-        num_stages_boundary: int = 4,
-        dropout: float = 0.5,
-        boundary_threshold: float = 0.5,
-        boundary_min_distance: int = 8,
+        num_layers: int,
+        num_feature_maps: int,
+        num_stages_segmentation: int,
+        num_stages_boundary: int,
+        dropout: float,
+        boundary_threshold: float,
+        boundary_min_distance: int,
     ) -> None:
         super().__init__()
         if num_stages_segmentation < 1 or num_stages_boundary < 1:

@@ -18,8 +18,8 @@ class FrameClassifier(nn.Module):
         *,
         in_channels: int,
         num_classes: int,
-        num_feature_maps: int = 64,
-        dropout: float = 0.5,
+        num_feature_maps: int,
+        dropout: float,
     ) -> None:
         super().__init__()
         self.hidden = nn.Conv1d(in_channels, num_feature_maps, kernel_size=1)

@@ -20,10 +20,10 @@ class MultiStageTCN(nn.Module):
         *,
         in_channels: int,
         num_classes: int,
-        num_stages: int = 4,
-        num_layers: int = 10,
-        num_feature_maps: int = 64,
-        dropout: float = 0.5,
+        num_stages: int,
+        num_layers: int,
+        num_feature_maps: int,
+        dropout: float,
         causal: bool = False,
     ) -> None:
         super().__init__()

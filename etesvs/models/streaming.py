@@ -19,14 +19,12 @@ time), and memory does not grow with the length of the video.
 from __future__ import annotations
 
 import math
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torchvision
 from torch import nn
-from torch.nn import functional as F
 from torchvision.models.mobilenetv2 import InvertedResidual
 
 from etesvs.errors import EtesvsError
@@ -35,7 +33,6 @@ from etesvs.models.tcn import SingleStageTCN
 HEADS = ("tcn", "causal_tcn")
 NORMS = ("batch", "group")
 SHIFT_DIVISOR = 8  # 1/8 of the channels shift forward in time, 1/8 backward (as in TSM)
-IGNORE_INDEX = -100
 
 
 class StreamState(NamedTuple):
@@ -141,14 +138,14 @@ class StreamingSegmenter(nn.Module):
         self,
         *,
         num_classes: int,
-        width_mult: float = 1.0,
-        temporal_shift: bool = False,
-        memory_channels: int = 64,
-        head: str = "causal_tcn",
-        head_layers: int = 6,
-        head_channels: int = 64,
-        dropout: float = 0.5,
-        norm: str = "batch",
+        width_mult: float,
+        temporal_shift: bool,
+        memory_channels: int,
+        head: str,
+        head_layers: int,
+        head_channels: int,
+        dropout: float,
+        norm: str,
     ) -> None:
         super().__init__()
         if head not in HEADS:
@@ -196,6 +193,51 @@ class StreamingSegmenter(nn.Module):
         head_mask = torch.zeros(batch_size, self.head_cache_frames, dtype=torch.bool, device=device)
         return StreamState(zeros, zeros.clone(), head_inputs, head_mask)
 
+    def _backbone_pass(self, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backbone features (B, T, 1280, h, w) of a window's frames, and the window-mean backbone logits (B, C)."""
+        batch_size, num_frames = frames.shape[:2]
+        # Whatever a padding frame holds must not reach the real frames (through the temporal shift).
+        frames = frames * mask[:, :, None, None, None].to(frames.dtype)
+        # Rows whose video has ended carry no frame: skip their backbone pass. At least one row always runs, so
+        # that every parameter takes part in the graph (DistributedDataParallel needs that on every rank).
+        rows = mask.any(dim=1).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            rows = torch.zeros(1, dtype=torch.long, device=frames.device)
+        active = frames.index_select(0, rows).flatten(0, 1)  # (B', T, 3, H, W) -> (B' * T, 3, H, W)
+        features = self.backbone_features(active, num_frames)
+        features = features.view(len(rows), num_frames, *features.shape[1:])  # (B'*T, ...) -> (B', T, ...)
+        features = features.new_zeros(batch_size, *features.shape[1:]).index_copy(0, rows, features)
+        frame_mask = mask.to(features.dtype)
+        frame_scores = self.backbone_classifier(features.mean(dim=(3, 4)))  # (B, T, 1280, h, w) -> (B, T, C)
+        valid_counts = frame_mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # (B, 1)
+        return features, (frame_scores * frame_mask[:, :, None]).sum(dim=1) / valid_counts
+
+    def _memory_pass(self, reduced: torch.Tensor, mask: torch.Tensor, state: StreamState) -> tuple[torch.Tensor, ...]:
+        """Run the ConvLSTM over the window's frames (B, T, M, h, w); padding frames leave the memory as it was.
+
+        Returns the pooled hidden state of every frame (B, T, M) and the final hidden and cell (B, M, h, w).
+        """
+        hidden, cell = state.hidden.to(reduced.dtype), state.cell.to(reduced.dtype)
+        hidden_per_frame = []
+        for t in range(reduced.shape[1]):
+            new_hidden, new_cell = self.memory(reduced[:, t], hidden, cell)
+            keep = mask[:, t, None, None, None]
+            hidden = torch.where(keep, new_hidden, hidden)
+            cell = torch.where(keep, new_cell, cell)
+            hidden_per_frame.append(hidden.mean(dim=(2, 3)))  # (B, M, h, w) -> (B, M)
+        return torch.stack(hidden_per_frame, dim=1), hidden, cell  # T x (B, M) -> (B, T, M)
+
+    def _head_pass(self, head_inputs: torch.Tensor, mask: torch.Tensor, state: StreamState) -> tuple[torch.Tensor, ...]:
+        """Head logits (B, C, T) of the window's inputs (B, 2M, T), and the head cache to carry on."""
+        num_frames = head_inputs.shape[2]
+        if not self.causal:
+            return self.head(head_inputs, mask[:, None, :].to(head_inputs.dtype)), state.head_inputs, state.head_mask
+        sequence = torch.cat([state.head_inputs.to(head_inputs.dtype), head_inputs], dim=2)  # (B, 2M, K + T)
+        sequence_mask = torch.cat([state.head_mask, mask], dim=1)  # (B, K + T)
+        logits = self.head(sequence, sequence_mask[:, None, :].to(sequence.dtype))[:, :, -num_frames:]
+        cache = self.head_cache_frames
+        return logits, sequence[:, :, sequence.shape[2] - cache :], sequence_mask[:, sequence_mask.shape[1] - cache :]
+
     def forward(
         self,
         frames: torch.Tensor,
@@ -217,65 +259,26 @@ class StreamingSegmenter(nn.Module):
         """
         batch_size, num_frames = frames.shape[:2]
         mask = mask.to(torch.bool)
-        # Whatever a padding frame holds must not reach the real frames (through the temporal shift).
-        frames = frames * mask[:, :, None, None, None].to(frames.dtype)
-        # Rows whose video has ended carry no frame: skip their backbone pass. At least one row always runs, so
-        # that every parameter takes part in the graph (DistributedDataParallel needs that on every rank).
-        rows = mask.any(dim=1).nonzero().squeeze(1)
-        if rows.numel() == 0:
-            rows = torch.zeros(1, dtype=torch.long, device=frames.device)
-        active = frames.index_select(0, rows).flatten(0, 1)  # (B', T, 3, H, W) -> (B' * T, 3, H, W)
-        features = self.backbone_features(active, num_frames)
-        channels, height, width = features.shape[1:]
-        features = features.view(len(rows), num_frames, channels, height, width)  # (B'*T, ...) -> (B', T, ...)
-        features = features.new_zeros(batch_size, num_frames, channels, height, width).index_copy(0, rows, features)
-
-        frame_mask = mask.to(features.dtype)
-        valid_counts = frame_mask.sum(dim=1, keepdim=True)  # (B, 1)
-        pooled = features.mean(dim=(3, 4))  # (B, T, 1280, h, w) -> (B, T, 1280)
-        frame_scores = self.backbone_classifier(pooled)  # (B, T, C)
-        backbone_logits = (frame_scores * frame_mask[:, :, None]).sum(dim=1) / valid_counts.clamp(min=1.0)
-
+        features, backbone_logits = self._backbone_pass(frames, mask)
         reduced = self.reduce(features.flatten(0, 1))  # (B*T, 1280, h, w) -> (B*T, M, h, w)
         reduced = reduced.view(batch_size, num_frames, *reduced.shape[1:])  # (B*T, M, h, w) -> (B, T, M, h, w)
-
         if state is None:
-            state = self.initial_state(batch_size, (height, width), device=frames.device, dtype=reduced.dtype)
+            state = self.initial_state(batch_size, tuple(features.shape[3:]), device=frames.device, dtype=reduced.dtype)
         state = state.detach()
         if reset is not None:
             state = state.reset(reset.to(device=frames.device, dtype=torch.bool))
-        hidden, cell = state.hidden.to(reduced.dtype), state.cell.to(reduced.dtype)
-        hidden_per_frame = []
-        for t in range(num_frames):
-            new_hidden, new_cell = self.memory(reduced[:, t], hidden, cell)
-            # Padding frames leave the memory as it was.
-            keep = mask[:, t, None, None, None]
-            hidden = torch.where(keep, new_hidden, hidden)
-            cell = torch.where(keep, new_cell, cell)
-            hidden_per_frame.append(hidden.mean(dim=(2, 3)))  # (B, M, h, w) -> (B, M)
-        memory_features = torch.stack(hidden_per_frame, dim=1)  # T x (B, M) -> (B, T, M)
+        memory_features, hidden, cell = self._memory_pass(reduced, mask, state)
+        frame_mask = mask.to(features.dtype)
         memory_logits = self.memory_classifier(memory_features) * frame_mask[:, :, None]  # (B, T, C)
-
         head_inputs = torch.cat([reduced.mean(dim=(3, 4)), memory_features], dim=2)  # (B, T, 2M)
         head_inputs = head_inputs.transpose(1, 2) * frame_mask[:, None, :]  # (B, T, 2M) -> (B, 2M, T)
-        if self.causal:
-            sequence = torch.cat([state.head_inputs.to(head_inputs.dtype), head_inputs], dim=2)  # (B, 2M, K + T)
-            sequence_mask = torch.cat([state.head_mask, mask], dim=1)  # (B, K + T)
-            head_logits = self.head(sequence, sequence_mask[:, None, :].to(sequence.dtype))[:, :, -num_frames:]
-            cache = self.head_cache_frames
-            new_head_inputs = sequence[:, :, sequence.shape[2] - cache :]
-            new_head_mask = sequence_mask[:, sequence_mask.shape[1] - cache :]
-        else:
-            head_logits = self.head(head_inputs, frame_mask[:, None, :])
-            new_head_inputs, new_head_mask = state.head_inputs, state.head_mask
-
+        head_logits, cache_inputs, cache_mask = self._head_pass(head_inputs, mask, state)
         outputs = {
             "head_logits": head_logits,
             "memory_logits": memory_logits.transpose(1, 2),  # (B, T, C) -> (B, C, T)
             "backbone_logits": backbone_logits,
         }
-        new_state = StreamState(hidden, cell, new_head_inputs, new_head_mask).detach()
-        return outputs, new_state
+        return outputs, StreamState(hidden, cell, cache_inputs, cache_mask).detach()
 
 
 def load_pretrained_backbone(model: StreamingSegmenter, source: str) -> str:
@@ -325,116 +328,13 @@ def load_pretrained_backbone(model: StreamingSegmenter, source: str) -> str:
     return origin
 
 
-def streaming_loss(
-    outputs: dict[str, torch.Tensor],
-    labels: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    frame_weights: torch.Tensor,
-    window_weights: torch.Tensor,
-    smoothing_weight: float = 0.15,
-    clamp: float = 16.0,
-) -> dict[str, torch.Tensor]:
-    """The ETESVS loss of one window, as a weighted sum over the rows (videos) of the batch.
+class WindowLogits(nn.Module):
+    """The head's logits of one window from scratch, ``(frames, mask) -> (B, C, T)``: what FLOP counters trace."""
 
-    Per row: cross-entropy of the head plus ``smoothing_weight`` x truncated MSE of neighbouring log-probabilities
-    (MS-TCN's T-MSE, clamped at ``clamp``) plus cross-entropy of the memory branch, summed over the window's frames
-    and multiplied by ``frame_weights``; plus the soft-label cross-entropy between the backbone's window-mean
-    logits and the label distribution of the window's valid frames, multiplied by ``window_weights``. With
-    ``frame_weights = 1 / (B x frames of the video)`` and ``window_weights = 1 / (B x windows of the video)``
-    the sum over all windows is the mean over videos of each video's mean loss, whatever the split of the
-    videos over windows, batches or processes.
+    def __init__(self, model: StreamingSegmenter) -> None:
+        super().__init__()
+        self.model = model
 
-    Args:
-        outputs: the model's outputs for the window (``head_logits`` and ``memory_logits`` (B, C, T),
-            ``backbone_logits`` (B, C)).
-        labels: (B, T) int64 class ids (anything on padding frames).
-        mask: (B, T) bool, True on valid frames.
-        frame_weights: (B,) float.
-        window_weights: (B,) float.
-
-    Returns:
-        ``"loss"`` (scalar to back-propagate) and its detached parts ``"head"``, ``"smoothing"``, ``"memory"``,
-        ``"backbone"`` (each already weighted by the row weights, before ``smoothing_weight``).
-    """
-    head_logits = outputs["head_logits"].float()
-    num_classes = head_logits.shape[1]
-    targets = labels.masked_fill(~mask, IGNORE_INDEX)
-    valid = mask.to(head_logits.dtype)
-    frame_weights = frame_weights.to(head_logits.dtype)
-    window_weights = window_weights.to(head_logits.dtype)
-
-    def frame_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
-        per_frame = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")  # (B, T)
-        return (per_frame.sum(dim=1) * frame_weights).sum()
-
-    head = frame_cross_entropy(head_logits)
-    memory = frame_cross_entropy(outputs["memory_logits"])
-
-    log_probs = F.log_softmax(head_logits, dim=1)
-    squared = (log_probs[:, :, 1:] - log_probs.detach()[:, :, :-1]).pow(2).clamp(max=clamp)  # (B, C, T-1)
-    pair_mask = valid[:, 1:] * valid[:, :-1]  # (B, T-1)
-    smoothing = ((squared.sum(dim=1) * pair_mask).sum(dim=1) / num_classes * frame_weights).sum()
-
-    # Soft target of the backbone branch: the share of each class among the window's valid frames.
-    one_hot = F.one_hot(labels.clamp(min=0), num_classes).to(head_logits.dtype) * valid[:, :, None]  # (B, T, C)
-    counts = valid.sum(dim=1)  # (B,)
-    distribution = one_hot.sum(dim=1) / counts.clamp(min=1.0)[:, None]  # (B, C)
-    backbone_log_probs = F.log_softmax(outputs["backbone_logits"].float(), dim=1)
-    has_frames = (counts > 0).to(head_logits.dtype)
-    backbone = (-(distribution * backbone_log_probs).sum(dim=1) * has_frames * window_weights).sum()
-
-    loss = head + smoothing_weight * smoothing + memory + backbone
-    return {
-        "loss": loss,
-        "head": head.detach(),
-        "smoothing": smoothing.detach(),
-        "memory": memory.detach(),
-        "backbone": backbone.detach(),
-    }
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(parameter.numel() for parameter in model.parameters() if parameter.requires_grad)
-
-
-def flops_per_frame(model: StreamingSegmenter, *, frames_per_window: int, image_size: int, window: int) -> float | None:
-    """Multiply-accumulate count (fvcore's FLOPs) of backbone + memory + head on one window, per video frame.
-
-    The window of ``frames_per_window`` input frames (``window`` video frames at the sample rate) is traced once;
-    returns None when fvcore is missing or cannot trace the model.
-    """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # fvcore's import touches deprecated TorchScript APIs
-            from fvcore.nn import FlopCountAnalysis
-    except ImportError:
-        return None
-
-    class _OneWindow(nn.Module):
-        def __init__(self, inner: StreamingSegmenter) -> None:
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-            outputs, _ = self.inner(frames, mask)
-            return outputs["head_logits"]
-
-    parameter = next(model.parameters())
-    frames = torch.zeros(1, frames_per_window, 3, image_size, image_size, device=parameter.device)
-    mask = torch.ones(1, frames_per_window, dtype=torch.bool, device=parameter.device)
-    was_training = model.training
-    model.eval()
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracing warns about deprecated TorchScript and Python control flow
-            analysis = FlopCountAnalysis(_OneWindow(model), (frames, mask))
-            analysis.unsupported_ops_warnings(False)
-            analysis.uncalled_modules_warnings(False)
-            total = float(analysis.total())
-    except Exception:  # tracing is best effort: a FLOP count is a report, not a reason to fail a run
-        return None
-    finally:
-        model.train(was_training)
-    return total / window
+    def forward(self, frames: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        outputs, _ = self.model(frames, mask)
+        return outputs["head_logits"]

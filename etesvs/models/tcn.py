@@ -19,7 +19,7 @@ class DilatedResidualLayer(nn.Module):
     frame ``t`` never depends on later frames; otherwise the taps are ``t - d, t, t + d``.
     """
 
-    def __init__(self, *, dilation: int, channels: int, dropout: float = 0.5, causal: bool = False) -> None:
+    def __init__(self, *, dilation: int, channels: int, dropout: float, causal: bool = False) -> None:
         super().__init__()
         if dilation < 1:
             raise ValueError(f"dilation must be >= 1, got {dilation}")
@@ -49,7 +49,7 @@ class DilatedResidualLayer(nn.Module):
 class DilatedStack(nn.Module):
     """``num_layers`` dilated residual layers with dilations 1, 2, 4, ..., 2**(num_layers - 1)."""
 
-    def __init__(self, *, channels: int, num_layers: int = 10, dropout: float = 0.5, causal: bool = False) -> None:
+    def __init__(self, *, channels: int, num_layers: int, dropout: float, causal: bool = False) -> None:
         super().__init__()
         self.layers = nn.ModuleList(
             DilatedResidualLayer(dilation=2**i, channels=channels, dropout=dropout, causal=causal)
@@ -79,9 +79,9 @@ class SingleStageTCN(nn.Module):
         *,
         in_channels: int,
         num_classes: int,
-        num_layers: int = 10,
-        num_feature_maps: int = 64,
-        dropout: float = 0.5,
+        num_layers: int,
+        num_feature_maps: int,
+        dropout: float,
         causal: bool = False,
     ) -> None:
         super().__init__()

@@ -1,0 +1,415 @@
+"""One training driver for every model family.
+
+A family builds its model, optimiser and data and hands the driver two functions:
+
+- ``train_one_epoch(epoch) -> {name: float}``: one pass over its training data; returns the mean ``loss`` (and
+  its parts), the same on every process;
+- ``predict(model, videos) -> {video: (T, C) float32}``: class probabilities of whole videos at the full frame
+  rate, called on the main process with the unwrapped model.
+
+The two families are the two-stage temporal models on features (:mod:`etesvs.temporal_training`) and the
+streaming model on frames (:mod:`etesvs.streaming_training`). Everything else is done here, the same way for
+both: the validation hold-out (part of the TRAINING split; never the test split), seeding per epoch, the resume
+rule, the selection score, checkpoints, curves, TensorBoard tags, the test predictions (``probs.h5``) and
+``model.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch import nn
+
+from etesvs.checkpoints import load_checkpoint, save_checkpoint, unwrap_model
+from etesvs.distributed import DistInfo, barrier
+from etesvs.errors import EtesvsError
+from etesvs.io import atomic_path, write_json
+from etesvs.metrics.segmentation import segmentation_metrics
+
+VALIDATION_KEYS = ("acc", "edit", "f1_50")
+TIMING_KEYS = ("seconds",)
+"""History fields that measure time: kept in checkpoints and TensorBoard, never in curves or metrics."""
+AMP_MODES = ("auto", "off", "bf16")
+
+TrainOneEpoch = Callable[[int], dict[str, float]]
+Predict = Callable[[nn.Module, Sequence[str]], dict[str, np.ndarray]]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Seeds, precision, hold-out, selection
+# --------------------------------------------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch (CPU and CUDA); returns a torch Generator seeded with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return generator
+
+
+def seed_epoch(seed: int, epoch: int) -> None:
+    """Seed torch's global generator for epoch ``epoch`` (dropout masks, random augmentation in the process).
+
+    Each epoch starts from a seed of its own, so an epoch that is run again after an interruption draws the same
+    numbers as it did in an uninterrupted run, without saving generator states in checkpoints.
+    """
+    torch.manual_seed(seed * 1000 + epoch)
+
+
+def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of an ``amp`` setting: ``auto`` is float16 on CUDA and full precision elsewhere,
+    ``bf16`` is bfloat16 on any device, ``off`` is full precision (None)."""
+    if amp not in AMP_MODES:
+        raise EtesvsError(f"amp: {amp!r} is not one of {', '.join(AMP_MODES)}")
+    if amp == "bf16":
+        return torch.bfloat16
+    if amp == "auto" and device.type == "cuda":
+        return torch.float16
+    return None
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` to ``dtype`` on ``device``; a no-op context for None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def hold_out(videos: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Seeded split of the training videos into (train, validation), both in their original order.
+
+    Validation gets ``round(fraction * n)`` videos, at least one when ``fraction`` > 0 and there are two or more.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise EtesvsError(f"val_fraction must be in [0, 1), got {fraction}")
+    videos = list(videos)
+    if fraction == 0.0 or len(videos) < 2:
+        return videos, []
+    count = min(len(videos) - 1, max(1, round(fraction * len(videos))))
+    held_out = set(torch.randperm(len(videos), generator=torch.Generator().manual_seed(seed))[:count].tolist())
+    return ([video for i, video in enumerate(videos) if i not in held_out],
+            [video for i, video in enumerate(videos) if i in held_out])
+
+
+def validation_scores(
+    probabilities: dict[str, np.ndarray], labels: dict[str, np.ndarray], background_ids: Sequence[int]
+) -> dict[str, float]:
+    """Frame accuracy, Edit and F1@50 (percent) of the argmax of ``probabilities`` (T, C) against ``labels`` (T,)."""
+    videos = sorted(probabilities)
+    scores = segmentation_metrics(
+        [probabilities[video].argmax(axis=1) for video in videos],
+        [labels[video] for video in videos],
+        background_ids=background_ids,
+        overlaps=(0.5,),
+    )
+    return {"acc": scores.accuracy, "edit": scores.edit, "f1_50": scores.f1[0.5]}
+
+
+def selection_score(scores: dict[str, float]) -> float:
+    """The score that picks the best epoch: the mean of validation accuracy, Edit and F1@50.
+
+    A few held-out videos make each single score noisy; their mean is a steadier guide, and it rewards both
+    frame-wise correctness and clean segments.
+    """
+    return sum(scores[key] for key in VALIDATION_KEYS) / len(VALIDATION_KEYS)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Identity of a run (the resume rule)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def file_identity(paths: Iterable[str | os.PathLike]) -> list[list[Any]]:
+    """``[name, size, mtime_ns]`` of each file: a cheap identity of the inputs of a run."""
+    identity = []
+    for path in paths:
+        stat = Path(path).stat()
+        identity.append([str(path), stat.st_size, stat.st_mtime_ns])
+    return identity
+
+
+def run_fingerprint(config: dict[str, Any]) -> str:
+    """Hash of ``config`` and of the source of every ``etesvs`` module loaded in this process.
+
+    A ``last.pt`` is resumed only when its fingerprint equals the current one, so changed settings, inputs or code
+    start training afresh instead of continuing another run.
+    """
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for name in sorted(sys.modules):
+        if name == "etesvs" or name.startswith("etesvs."):
+            source = getattr(sys.modules[name], "__file__", None)
+            if source and source.endswith(".py"):
+                digest.update(name.encode())
+                digest.update(Path(source).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Outputs
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Where a training run writes.
+
+    Attributes:
+        checkpoints: directory of ``last.pt`` (every epoch) and ``best.pt`` (the selected epoch).
+        predictions: directory of ``probs.h5`` (test videos) and ``model.json``.
+        curves: CSV of the per-epoch curves (DVC plots).
+        tensorboard: TensorBoard log directory.
+    """
+
+    checkpoints: Path
+    predictions: Path
+    curves: Path
+    tensorboard: Path
+
+
+def write_curves(path: str | os.PathLike, history: Sequence[dict[str, Any]]) -> None:
+    """One row per epoch, every field but timings (so that the file is the same whenever the numbers are)."""
+    columns: list[str] = []
+    for row in history:
+        columns += [key for key in row if key not in columns and key not in TIMING_KEYS]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in history:
+        writer.writerow({key: (f"{row[key]:.6g}" if isinstance(row.get(key), float) else row.get(key, ""))
+                         for key in columns})
+    with atomic_path(path) as tmp:
+        tmp.write_text(buffer.getvalue(), encoding="utf-8")
+
+
+def write_probabilities(
+    path: str | os.PathLike, probabilities: dict[str, np.ndarray], *, classes: Sequence[str], model: str
+) -> None:
+    """``probs.h5``: one float32 (T, C) dataset per video, written atomically."""
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as handle:
+            handle.attrs["model"] = model
+            handle.attrs["classes"] = json.dumps(list(classes))
+            for video in sorted(probabilities):
+                handle.create_dataset(video, data=probabilities[video].astype(np.float32), compression="gzip")
+
+
+def _log_tensorboard(writer: Any, row: dict[str, Any]) -> None:
+    """Tags shared by every model: ``train/<name>``, ``val/<name>``, ``time/<name>``."""
+    for key, value in row.items():
+        if key == "epoch" or value is None:
+            continue
+        split, _, name = key.partition("_")
+        tag = f"{split}/{name}" if split in ("train", "val") else f"time/{key}"
+        writer.add_scalar(tag, value, int(row["epoch"]))
+    writer.flush()
+
+
+def _epoch_line(name: str, row: dict[str, Any], epochs: int, improved: bool) -> str:
+    val = (f", val acc {row['val_acc']:.1f} edit {row['val_edit']:.1f} F1@50 {row['val_f1_50']:.1f}"
+           if "val_acc" in row else "")
+    return (f"{name} epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f}{val} "
+            f"({row['seconds']:.0f} s){' *' if improved else ''}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a run leaves behind, on the main process (other processes get an empty history)."""
+
+    history: list[dict[str, Any]]
+    best_epoch: int
+    resumed_from: int
+    seconds: float
+
+
+def _resume(last_path: Path, best_path: Path, fingerprint: str, *, model: nn.Module, optimizer: Any,
+            scheduler: Any, scaler: Any, device: torch.device) -> dict[str, Any] | None:
+    """The state of ``last.pt`` loaded into the objects, or None when it is absent or belongs to another run."""
+    if not last_path.is_file():
+        return None
+    state = load_checkpoint(last_path, map_location=device)
+    if state.get("fingerprint") != fingerprint or not best_path.is_file():
+        return None
+    unwrap_model(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    for obj, key in ((scheduler, "scheduler"), (scaler, "scaler")):
+        if obj is not None and state.get(key):
+            obj.load_state_dict(state[key])
+    return state
+
+
+@dataclass
+class _Run:
+    """What :func:`fit` carries from epoch to epoch."""
+
+    history: list[dict[str, Any]]
+    best: dict[str, Any]
+    start_epoch: int
+
+
+def _start(name: str, paths: RunPaths, fingerprint: str, *, model: nn.Module, optimizer: Any, scheduler: Any,
+           scaler: Any, dist: DistInfo, log: Callable[[str], None]) -> _Run:
+    """A fresh run, or the state of ``last.pt`` when it belongs to this run (see :func:`_resume`)."""
+    last_path, best_path = paths.checkpoints / "last.pt", paths.checkpoints / "best.pt"
+    state = _resume(last_path, best_path, fingerprint, model=model, optimizer=optimizer, scheduler=scheduler,
+                    scaler=scaler, device=dist.device)
+    if state is not None:
+        if dist.is_main:
+            log(f"{name}: resuming from {last_path} after epoch {state['epoch']}")
+        return _Run(history=list(state["history"]), best=dict(state["best"]), start_epoch=int(state["epoch"]) + 1)
+    if last_path.is_file() and dist.is_main:
+        log(f"{name}: {last_path} belongs to other settings, inputs or code; training from scratch")
+    return _Run(history=[], best={"epoch": 0, "score": -math.inf}, start_epoch=1)
+
+
+def _end_epoch(run: _Run, row: dict[str, Any], *, model: nn.Module, optimizer: Any, predict: Predict,
+               val_labels: dict[str, np.ndarray], background_ids: Sequence[int], paths: RunPaths,
+               checkpoint: dict[str, Any]) -> bool:
+    """On the main process: validate, append ``row`` to the history, write the checkpoints and the curves.
+
+    Returns whether the epoch is the best so far (by :func:`selection_score`; without validation videos the latest
+    epoch is the best).
+    """
+    if val_labels:
+        scores = validation_scores(predict(unwrap_model(model), sorted(val_labels)), val_labels, background_ids)
+        row.update({f"val_{key}": value for key, value in scores.items()})
+        score = selection_score(scores)
+    else:
+        score = float(row["epoch"])
+    run.history.append(row)
+    improved = score > run.best["score"]
+    if improved:
+        run.best = {"epoch": row["epoch"], "score": score}
+    extra = dict(checkpoint, history=run.history, best=run.best)
+    if improved:
+        save_checkpoint(paths.checkpoints / "best.pt", model=model, optimizer=None, epoch=row["epoch"], **extra)
+    save_checkpoint(paths.checkpoints / "last.pt", model=model, optimizer=optimizer, epoch=row["epoch"], **extra)
+    write_curves(paths.curves, run.history)
+    return improved
+
+
+def _step_scheduler(scheduler: Any, train_loss: float) -> None:
+    """One step per epoch; ReduceLROnPlateau watches the training loss (as ASFormer's recipe does)."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(train_loss)
+    elif scheduler is not None:
+        scheduler.step()
+
+
+def fit(
+    *,
+    name: str,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_one_epoch: TrainOneEpoch,
+    predict: Predict,
+    val_labels: dict[str, np.ndarray],
+    background_ids: Sequence[int],
+    epochs: int,
+    seed: int,
+    paths: RunPaths,
+    fingerprint: str,
+    model_args: dict[str, Any],
+    metadata: dict[str, Any],
+    dist: DistInfo,
+    scheduler: Any = None,
+    scaler: torch.amp.GradScaler | None = None,
+    log: Callable[[str], None] = print,
+) -> RunResult:
+    """Train for ``epochs`` epochs in all, resuming from ``last.pt`` when it belongs to this run.
+
+    After every epoch the main process validates on the held-out videos of ``val_labels`` (their ids and
+    labels), writes ``last.pt`` and, when :func:`selection_score` improves, ``best.pt`` (without ``val_labels``
+    the last epoch is the best), and updates the curves and TensorBoard. Checkpoints hold ``model_args`` and
+    ``metadata`` (what a checkpoint needs to be used on its own: classes, frame rate, ...). ``scheduler`` steps
+    once per epoch (ReduceLROnPlateau on the training loss).
+    """
+    run = _start(name, paths, fingerprint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                 dist=dist, log=log)
+    writer = None
+    if dist.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(paths.tensorboard), purge_step=run.start_epoch)
+    try:
+        for epoch in range(run.start_epoch, epochs + 1):
+            seed_epoch(seed, epoch)
+            began = time.perf_counter()
+            row: dict[str, Any] = {"epoch": epoch}
+            row.update({f"train_{key}": float(value) for key, value in train_one_epoch(epoch).items()})
+            row["seconds"] = time.perf_counter() - began
+            _step_scheduler(scheduler, row["train_loss"])
+            if dist.is_main:
+                checkpoint = dict(model_args=model_args, fingerprint=fingerprint, **metadata,
+                                  scheduler=scheduler.state_dict() if scheduler is not None else None,
+                                  scaler=scaler.state_dict() if scaler is not None else None)
+                improved = _end_epoch(run, row, model=model, optimizer=optimizer, predict=predict,
+                                      val_labels=val_labels, background_ids=background_ids, paths=paths,
+                                      checkpoint=checkpoint)
+                _log_tensorboard(writer, row)
+                log(_epoch_line(name, row, epochs, improved))
+            barrier()
+    finally:
+        if writer is not None:
+            writer.close()
+    if dist.is_main and run.history:  # also when a finished run was resumed and DVC removed the curves
+        write_curves(paths.curves, run.history)
+    return RunResult(history=run.history, best_epoch=int(run.best["epoch"]), resumed_from=run.start_epoch - 1,
+                     seconds=sum(row.get("seconds", 0.0) for row in run.history))
+
+
+def predict_test(
+    *,
+    name: str,
+    model: nn.Module,
+    predict: Predict,
+    test_videos: Sequence[str],
+    classes: Sequence[str],
+    paths: RunPaths,
+    result: RunResult,
+    describe: Callable[[nn.Module], dict[str, Any]],
+    device: torch.device,
+) -> dict[str, Any]:
+    """Load ``best.pt`` into ``model``, write the test videos' ``probs.h5`` and ``model.json``; returns the latter.
+
+    ``model.json`` holds the model's name, ``describe(model)`` (parameters, FLOPs per frame, what the backbone
+    was initialised from, the settings of the run), the selected epoch and its validation scores.
+    """
+    best = load_checkpoint(paths.checkpoints / "best.pt", map_location=device)
+    network = unwrap_model(model)
+    network.load_state_dict(best["model"])
+    network.eval()
+    probabilities = predict(network, list(test_videos))
+    write_probabilities(paths.predictions / "probs.h5", probabilities, classes=classes, model=name)
+    best_row = next((row for row in result.history if row["epoch"] == best["epoch"]), {})
+    summary = {
+        "model": name,
+        **describe(network),
+        "best_epoch": int(best["epoch"]),
+        **{f"val_{key}": best_row.get(f"val_{key}") for key in VALIDATION_KEYS},
+        "model_args": best["model_args"],
+    }
+    write_json(paths.predictions / "model.json", summary)
+    return summary
