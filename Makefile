@@ -11,6 +11,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/python -m etesvs.plots  # .dvc/plots_page.html: `dvc plots show` draws offline
 	touch $(STAMP)
 
 # The whole pipeline on the embedded demo dataset (or the dataset params.yaml names).

@@ -40,9 +40,12 @@ def repo(tmp_path_factory) -> Path:
     from etesvs.params import compose
 
     compose(OVERRIDES, out=repo / "params.yaml", root=repo)
-    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "hydra.enabled", "true"]):
+    for command in (["git", "init", "-q"], ["dvc", "init", "-q"], ["dvc", "config", "hydra.enabled", "true"],
+                    ["dvc", "config", "plots.html_template", "plots_page.html"],
+                    [sys.executable, "-m", "etesvs.plots", "--out", ".dvc/plots_page.html"]):
         result = run(command, repo)
         assert result.returncode == 0, result.stderr
+    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")
     result = run(["dvc", "repro"], repo, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return repo
@@ -139,3 +142,33 @@ def test_stream_command_on_the_trained_checkpoint(repo, tmp_path):
     labels = (tmp_path / "labels.txt").read_text().split()
     assert len(labels) == events[-1]["num_frames"]
     assert (tmp_path / "segments.png").stat().st_size > 0
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_plots_page_loads_nothing_from_the_network(repo):
+    result = run(["dvc", "plots", "show", "-o", "dvc_plots"], repo)
+    assert result.returncode == 0, result.stderr
+    page = (repo / "dvc_plots" / "index.html").read_text()
+    assert "cdn.jsdelivr" not in page and "window.vegaEmbed=" in page
+    assert page.count('<script src=') == 0
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="headless Chromium not installed (apt-get install chromium)")
+def test_every_chart_draws_offline_in_headless_chromium(repo, tmp_path):
+    import re
+
+    result = run(["dvc", "plots", "show", "-o", "dvc_plots"], repo)
+    assert result.returncode == 0, result.stderr
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=20000"]
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", (repo / "dvc_plots" / "index.html").as_uri()],
+                         capture_output=True, text=True, timeout=300).stdout
+    charts = re.split(r'(?=<div id="[^"]+" class="vega-embed)', dom)[1:]
+    assert len(charts) >= 4 + len(MODELS), "the four training-curve charts and one confusion matrix per model"
+    for chart in charts:
+        name = re.match(r'<div id="([^"]+)"', chart).group(1)
+        drawn = chart.split("</svg>")[0]
+        assert '<svg' in drawn and 'class="marks"' in drawn and "role-mark" in drawn, f"{name} is blank"
