@@ -12,7 +12,7 @@ from etesvs.data.frames import ExtractConfig, extract_frames, video_jobs  # noqa
 from etesvs.data.labels import load_label_info  # noqa: E402
 from etesvs.data.layout import DatasetLayout, parse_video_path_rules  # noqa: E402
 from etesvs.errors import run_main  # noqa: E402
-from etesvs.io import write_json  # noqa: E402
+from etesvs.io import check_output_file, write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,11 +29,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-bad-videos", type=lambda s: s.lower() in ("1", "true", "yes"), default=False)
     parser.add_argument("--video-path-rules", default="", help="'PATTERN -> REPLACEMENT; ...' (Breakfast's nesting)")
     args = parser.parse_args(argv)
+    check_output_file(args.report)
     layout = DatasetLayout(args.root, video_path_rules=parse_video_path_rules(args.video_path_rules))
     info = load_label_info(args.labels)
     config = ExtractConfig(fps=args.fps, short_side=args.short_side, jpeg_quality=args.jpeg_quality, tolerance=args.tolerance)
     results = extract_frames(
-        video_jobs(layout, info.num_frames), args.out, config, workers=args.workers, skip_bad_videos=args.skip_bad_videos
+        video_jobs(layout, info.num_frames), args.out, config, workers=args.workers, skip_bad_videos=args.skip_bad_videos,
+        inputs=[args.root, args.labels],
     )
     warnings = [warning for result in results for warning in result.warnings]
     failed = [result for result in results if result.status == "failed"]
