@@ -365,12 +365,12 @@ def _protected(resolved: Path, *, exclusive: bool) -> str | None:
     """Why ``resolved`` is a place no stage writes into, or None."""
     if resolved == Path(resolved.anchor):
         return "it is the root of the file system"
-    home = Path.home().resolve()
-    if _contains(resolved, home):
-        return "it is your home directory" if resolved == home else "it contains your home directory"
     cwd = Path.cwd().resolve()
     if exclusive and _contains(resolved, cwd):
         return "it is the current directory" if resolved == cwd else "it contains the current directory"
+    home = Path.home().resolve()
+    if _contains(resolved, home):
+        return "it is your home directory" if resolved == home else "it contains your home directory"
     for name in (".git", ".dvc", "dvc.yaml"):
         if (resolved / name).exists():
             return f"it is a project root (it holds {name})"

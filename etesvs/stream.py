@@ -33,7 +33,7 @@ from typing import IO, Iterator, Sequence
 import numpy as np
 import torch
 
-from etesvs.data.frames import ffmpeg_exe, ffmpeg_interruption
+from etesvs.data.frames import ffmpeg_exe, ffmpeg_interruption, ffmpeg_reason
 from etesvs.errors import EtesvsError, run_main
 from etesvs.io import atomic_path, claim_output_dir, ffmpeg_file_input, load_weights_file
 from etesvs.models.streaming import StreamingSegmenter
@@ -162,11 +162,10 @@ def read_frames(
     interruption = ffmpeg_interruption(code, stderr, str(video))
     if interruption is not None:
         raise interruption
-    message = " ".join(stderr.split())
     if code != 0:
-        raise EtesvsError(f"{video}: ffmpeg could not decode it: {message or f'exit status {code}'}")
+        raise EtesvsError(f"{video}: ffmpeg could not decode it: {ffmpeg_reason(stderr)}")
     if decoded == 0:
-        raise EtesvsError(f"{video}: no video frames decoded{f' ({message})' if message else ''}")
+        raise EtesvsError(f"{video}: no video frames decoded{f' ({ffmpeg_reason(stderr)})' if stderr.strip() else ''}")
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ Breakfast has millions of frames. A container ``<frames_dir>/<video>.h5`` holds
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import re
 import signal
@@ -144,12 +143,6 @@ class ExtractResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _ffmpeg_reason(stderr: str) -> str:
-    """ffmpeg's own words for a failure, on one line: its specific messages, without the generic ones."""
-    reasons = _ffmpeg_reasons(stderr)
-    return "; ".join(reasons[:3]) if reasons else "ffmpeg failed without a message"
-
-
 # PR_SET_PDEATHSIG from <linux/prctl.h>: the kernel sends the signal to a process when its parent dies.
 _PR_SET_PDEATHSIG = 1
 _in_pool_worker = False
@@ -159,8 +152,9 @@ def set_parent_death_signal(signal_number: int = signal.SIGKILL) -> bool:
     """Ask Linux to send ``signal_number`` to this process when its parent dies; False elsewhere."""
     if not sys.platform.startswith("linux"):
         return False
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    return libc.prctl(_PR_SET_PDEATHSIG, int(signal_number), 0, 0, 0) == 0
+    # prctl of the C library already loaded in this process (no library search: this also runs between fork and
+    # exec of ffmpeg, where nothing slow or allocating belongs).
+    return ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal_number), 0, 0, 0) == 0
 
 
 def _pool_worker_init(parent_pid: int) -> None:
@@ -199,6 +193,8 @@ def ffmpeg_interruption(code: int, stderr: str, what: str) -> Interrupted | None
 
 
 def _ffmpeg_reasons(stderr: str) -> list[str]:
+    if "not on whitelist" in stderr:  # ffmpeg would list the whole whitelist; say what it means instead
+        return ["not a video file (playlists, concat lists and image sequences, which open other files, are refused)"]
     reasons: list[str] = []
     for line in stderr.splitlines():
         line = re.sub(r"^\[[^\]]*@ 0x[0-9a-f]+\]\s*", "", line.strip())
@@ -208,6 +204,12 @@ def _ffmpeg_reasons(stderr: str) -> list[str]:
         if line not in reasons:
             reasons.append(line)
     return reasons
+
+
+def ffmpeg_reason(stderr: str) -> str:
+    """ffmpeg's own words for a failure, on one line: its specific messages, without the generic ones."""
+    reasons = _ffmpeg_reasons(stderr)
+    return "; ".join(reasons[:3]) if reasons else "ffmpeg failed without a message"
 
 
 def decode_command(video_file: Path, config: ExtractConfig) -> list[str]:
@@ -271,11 +273,11 @@ def decode_video_to_jpeg(video_file: Path, config: ExtractConfig) -> list[bytes]
     if interruption is not None:
         raise interruption
     if code != 0:
-        raise EtesvsError(f"{video_file}: ffmpeg could not decode it: {_ffmpeg_reason(stderr)}")
+        raise EtesvsError(f"{video_file}: ffmpeg could not decode it: {ffmpeg_reason(stderr)}")
     if pending:
         raise EtesvsError(f"{video_file}: ffmpeg output ended inside a frame")
     if not images:
-        reason = _ffmpeg_reason(stderr) if stderr.strip() else "no video frames"
+        reason = ffmpeg_reason(stderr) if stderr.strip() else "no video frames"
         raise EtesvsError(f"{video_file}: no frames decoded ({reason})")
     return images
 
