@@ -403,7 +403,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser.add_argument("--out", type=Path, default=None, help="write the metrics (percent) as JSON here")
     args = parser.parse_args(argv)
     if args.out is not None:
-        check_output_file(args.out, inputs=[args.mapping, args.split, *([args.probabilities] if args.probabilities else [])])
+        inputs = [args.mapping, args.split, *([args.probabilities] if args.probabilities else [])]
+        check_output_file(args.out, inputs=inputs)
 
     classes = read_mapping(args.mapping)
     background_ids = background_class_ids(args.background, classes, mapping=args.mapping)

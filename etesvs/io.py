@@ -282,11 +282,12 @@ class OutputDir:
         """Write a new set of outputs: yields a temporary path beside each of ``names``, for the block to fill.
 
         When the block succeeds, each temporary file is renamed onto its name and the owner's files not in
-        ``names`` are removed; when it fails, the temporary files are removed and the previous outputs stay.
+        ``names`` are removed; when it fails, the temporary files are removed and the previous outputs stay (a
+        directory created for this block is removed again).
         """
+        created_dirs: list[Path] = [] if self.path.exists() else [self.path]
         self.expect(names)
         temporary: dict[str, Path] = {}
-        created_dirs: list[Path] = []
         try:
             for name in names:
                 target = self.path / name
@@ -308,9 +309,11 @@ class OutputDir:
             for tmp in temporary.values():
                 with contextlib.suppress(FileNotFoundError):
                     tmp.unlink()
+            if created_dirs and created_dirs[0] == self.path and self.marker_inside:
+                self.marker.unlink(missing_ok=True)  # the directory held nothing before this block
             for directory in reversed(created_dirs):
                 with contextlib.suppress(OSError):
-                    directory.rmdir()
+                    directory.rmdir()  # only if empty
             if isinstance(error, OSError) and error.errno in _WRITE_ERRNOS:
                 raise EtesvsError(describe_os_error(error, self.path)) from None
             raise
@@ -354,7 +357,7 @@ def _read_marker(marker: Path) -> dict | None:
             return content
     except (ValueError, AttributeError, OSError):
         pass
-    raise EtesvsError(f"{marker}: unreadable output marker; remove the directory's files yourself if they are not needed")
+    raise EtesvsError(f"{marker}: unreadable output marker; nothing in its directory is replaced or removed")
 
 
 def _contains(outer: Path, inner: Path) -> bool:
@@ -446,9 +449,7 @@ def claim_output_dir(
         foreign = [e for e in entries if e not in own and e not in files and not _is_own_temporary(e, own)]
         if foreign:
             raise refuse(f"it holds files that {owner} did not write ({_examples(foreign)})")
-    output = OutputDir(
-        path=path, owner=owner, exclusive=exclusive, files=files, inputs=tuple(resolved_inputs), marker_inside=marker_inside
-    )
+    output = OutputDir(path, owner, exclusive, files, tuple(resolved_inputs), marker_inside)
     for entry in entries:
         if _is_own_temporary(entry, own):  # left by a run that was killed while writing
             (path / entry).unlink()

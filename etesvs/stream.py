@@ -100,7 +100,9 @@ def ffmpeg_source(video: str | Path, *, live: bool = False) -> list[str]:
     name = str(video)
     if not live:
         if not Path(name).is_file():
-            hint = " (to read a live source such as an RTSP URL or a camera, pass --live)" if URL_LIKE.match(name) else ""
+            hint = ""
+            if URL_LIKE.match(name):
+                hint = " (to read a live source such as an RTSP URL or a camera, pass --live)"
             if Path(name).is_dir():
                 raise EtesvsError(f"{name}: is a directory, expected a video file")
             raise EtesvsError(f"{name}: video file not found{hint}")
@@ -383,8 +385,9 @@ def run_stream(
         names = output.file("labels.txt").read_text(encoding="utf-8").splitlines()
         index = {name: i for i, name in enumerate(classes)}
         labels = np.fromiter((index[name] for name in names), dtype=np.int64, count=len(names))
+        title = str(video) if live else Path(video).name
         save_label_bar(output.file("segments.png"), labels, classes=classes, fps=rate,
-                       background_ids=stream_model.background_ids, title=str(video) if live else Path(video).name)  # fmt: skip
+                       background_ids=stream_model.background_ids, title=title)  # fmt: skip
     return {"frames": frames, "segments": segments, "windows": windows}
 
 

@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     info = load_label_info(args.labels)
     config = ExtractConfig(fps=args.fps, short_side=args.short_side, jpeg_quality=args.jpeg_quality, tolerance=args.tolerance)
     results = extract_frames(
-        video_jobs(layout, info.num_frames), args.out, config, workers=args.workers, skip_bad_videos=args.skip_bad_videos,
-        inputs=[args.root, args.labels],
+        video_jobs(layout, info.num_frames), args.out, config, workers=args.workers,
+        skip_bad_videos=args.skip_bad_videos, inputs=[args.root, args.labels],
     )
     warnings = [warning for result in results for warning in result.warnings]
     failed = [result for result in results if result.status == "failed"]

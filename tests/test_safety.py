@@ -33,7 +33,6 @@ from etesvs.io import (
     write_json,
 )
 from tests.conftest import ROOT
-from tests.test_evaluate import CLASSES as EVAL_CLASSES
 from tests.test_evaluate import cli_args, tiny_labels, write_predictions, write_text_dataset
 from tests.test_frames import make_video
 from tests.test_labels import make_dataset
@@ -281,7 +280,9 @@ def test_stream_out_refuses_a_directory_of_other_files(tmp_path):
     model = load_stream_model(checkpoint)
     with pytest.raises(EtesvsError) as error:
         run_stream(model, video, out_dir=tmp_path / "mine", stdout=io.StringIO())
-    assert str(error.value) == f"{tmp_path / 'mine'}: stream will not write here: it holds files that stream did not write (labels.txt)"
+    assert str(error.value) == (
+        f"{tmp_path / 'mine'}: stream will not write here: it holds files that stream did not write (labels.txt)"
+    )
     assert (tmp_path / "mine" / "labels.txt").read_text() == "my own labels"
     with pytest.raises(EtesvsError, match="it contains the input"):
         run_stream(model, video, out_dir=tmp_path, stdout=io.StringIO(), inputs=[checkpoint])
@@ -421,7 +422,8 @@ def test_annotation_labels_are_single_words(tmp_path):
     annotations = {"database": {"v": {"subset": "test", "duration": 1.0,
                                       "annotations": [{"label": "evil\n0 injected", "segment": [0, 1]}]}}}  # fmt: skip
     path.write_text(json.dumps(annotations))
-    with pytest.raises(EtesvsError, match=r"thumos.json:1: video 'v' has label 'evil\\n0 injected'; a label is one word"):
+    message = r"thumos.json:1: video 'v' has label 'evil\\n0 injected'; a label is one word"
+    with pytest.raises(EtesvsError, match=message):
         activitynet_to_ground_truth(path, tmp_path / "root", fps=10)
 
 
@@ -576,10 +578,11 @@ def test_evaluate_cli_out_is_a_directory(tmp_path, cli):
     (tmp_path / "results").mkdir()
     status, lines = cli(main, *cli_args(tmp_path / "data", tmp_path / "pred"), "--out", str(tmp_path / "results"))
     assert (status, lines) == (1, [f"error: {tmp_path}/results: is a directory, expected a file name"])
-    status, lines = cli(main, *cli_args(tmp_path / "data", tmp_path / "pred"), "--out", str(tmp_path / "data" / "mapping.txt"))
-    assert (status, lines) == (1, [f"error: {tmp_path}/data/mapping.txt: is an input, it would be overwritten by the output"])
-    status, lines = cli(main, *cli_args(tmp_path / "data", tmp_path / "pred"), "--out", f"{tmp_path}/data/mapping.txt/m.json")
-    assert (status, lines) == (1, [f"error: {tmp_path}/data/mapping.txt: is a file, so {tmp_path}/data/mapping.txt/m.json cannot be written under it"])
+    mapping = tmp_path / "data" / "mapping.txt"
+    status, lines = cli(main, *cli_args(tmp_path / "data", tmp_path / "pred"), "--out", str(mapping))
+    assert (status, lines) == (1, [f"error: {mapping}: is an input, it would be overwritten by the output"])
+    status, lines = cli(main, *cli_args(tmp_path / "data", tmp_path / "pred"), "--out", f"{mapping}/m.json")
+    assert (status, lines) == (1, [f"error: {mapping}: is a file, so {mapping}/m.json cannot be written under it"])
 
 
 def test_extract_frames_report_is_a_directory_before_any_work(tmp_path, cli):
@@ -598,23 +601,25 @@ def test_out_names_a_file(tmp_path, cli):
     root = dataset_with_videos(tmp_path / "raw")
     (tmp_path / "notes.txt").write_text("mine")
     status, lines = cli(convert_labels_stage.main, *convert_args(root, tmp_path / "notes.txt"))
-    assert (status, lines) == (1, [f"error: {tmp_path}/notes.txt: convert_labels will not write here: it is a file, not a directory"])
+    refusal = f"error: {tmp_path}/notes.txt: convert_labels will not write here: it is a file, not a directory"
+    assert (status, lines) == (1, [refusal])
     status, lines = cli(convert_labels_stage.main, *convert_args(root, tmp_path / "notes.txt" / "labels"))
-    assert (status, lines) == (1, [f"error: {tmp_path}/notes.txt/labels: convert_labels will not write here: {tmp_path}/notes.txt is a file"])
+    refusal = f"error: {tmp_path}/notes.txt/labels: convert_labels will not write here: {tmp_path}/notes.txt is a file"
+    assert (status, lines) == (1, [refusal])
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize(
     ("error", "line"),
     [
-        (FileNotFoundError(2, "No such file or directory", "data/labels/info.json"), "data/labels/info.json: not found"),
+        (FileNotFoundError(2, "No such file or directory", "labels/info.json"), "labels/info.json: not found"),
         (IsADirectoryError(21, "Is a directory", "data/split"), "data/split: is a directory, expected a file"),
         (PermissionError(13, "Permission denied", "/data/raw"), "/data/raw: permission denied"),
-        (OSError(28, "No space left on device", "data/frames/.a.h5.x.tmp"), "data/frames/.a.h5.x.tmp: no space left on the device"),
+        (OSError(28, "No space left on device", "frames/a.h5"), "frames/a.h5: no space left on the device"),
         (OSError(30, "Read-only file system", "/mnt/ro/x"), "/mnt/ro/x: read-only file system"),
         (OSError(122, "Disk quota exceeded", "x"), "x: disk quota exceeded"),
         (OSError(5, "Input/output error"), "input/output error"),
-        (OSError("Unable to synchronously open file (file signature not found)"), "unable to synchronously open file (file signature not found)"),
+        (OSError("Unable to open file (file signature not found)"), "unable to open file (file signature not found)"),
     ],
 )
 def test_run_main_turns_os_errors_into_one_line(cli, error, line):
@@ -769,12 +774,19 @@ def start_stage(tmp_path: Path, ffmpeg: Path, *extra: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
+def command_line(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # it ended meanwhile
+        return b""
+
+
 def wait_for_children(process: subprocess.Popen, count: int, timeout: float = 60) -> set[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = alive(descendants(process.pid))
         # the pool's workers and one fake ffmpeg (sleep) under each
-        if sum(1 for pid in found if "sleep" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")) >= count:
+        if sum(1 for pid in found if b"sleep" in command_line(pid)) >= count:
             return found
         time.sleep(0.1)
     process.kill()
@@ -861,8 +873,9 @@ def test_byte_order_mark_and_crlf_are_accepted(tmp_path):
     windows = make_dataset(tmp_path / "windows")
     for path in [windows / "mapping.txt", *(windows / "splits").iterdir(), *(windows / "groundTruth").iterdir()]:
         path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes().replace(b"\n", b"\r\n"))
-    expected = convert_labels(DatasetLayout(plain), tmp_path / "a", dataset="t", split=1, fps=15, background=["background"])
-    got = convert_labels(DatasetLayout(windows), tmp_path / "b", dataset="t", split=1, fps=15, background=["background"])
+    options = dict(dataset="t", split=1, fps=15, background=["background"])
+    expected = convert_labels(DatasetLayout(plain), tmp_path / "a", **options)
+    got = convert_labels(DatasetLayout(windows), tmp_path / "b", **options)
     assert got == expected
     for video in ("a", "b", "c"):
         assert load_labels(tmp_path / "b", video).tolist() == load_labels(tmp_path / "a", video).tolist()
@@ -900,7 +913,7 @@ def test_a_missing_video_names_the_bundle_that_listed_it(tmp_path, bundle, text,
     root = make_dataset(tmp_path / "raw")
     (root / "splits" / bundle).write_text(text)
     with pytest.raises(EtesvsError) as error:
-        convert_labels(DatasetLayout(root), tmp_path / "labels", dataset="t", split=1, fps=15, background=["background"])
+        convert_labels(DatasetLayout(root), tmp_path / "labels", dataset="t", split=1, fps=15, background=[])
     assert str(error.value) == (
         f"{root}/splits/{bundle}:{line}: names video 'zzz' but {root}/groundTruth/zzz.txt does not exist"
     )
@@ -910,5 +923,14 @@ def test_labels_info_video_names_are_checked(tmp_path):
     write_json(tmp_path / "info.json", {"dataset": "t", "fps": 15, "classes": ["x"], "background": [],
                                         "background_ids": [], "split": 1, "train": ["/abs"], "test": [],
                                         "num_frames": {}})  # fmt: skip
-    with pytest.raises(EtesvsError, match=r"info.json: 'train': video name '/abs' is not a plain name: it is an absolute"):
+    with pytest.raises(EtesvsError, match=r"info.json: 'train': video name '/abs' is not a plain name: it is an abs"):
         load_label_info(tmp_path)
+
+
+def test_a_failed_first_run_leaves_no_output_directory(tmp_path):
+    output = claim_output_dir(tmp_path / "new" / "labels", owner="test")
+    with pytest.raises(RuntimeError):
+        with output.replace(["a.txt", "sub/b.txt"]) as staged:
+            staged["a.txt"].write_text("half")
+            raise RuntimeError("killed")
+    assert list(tmp_path.rglob("*")) == [tmp_path / "new"]

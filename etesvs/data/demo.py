@@ -848,7 +848,8 @@ def demo_files(config: DemoConfig) -> list[str]:
     """Every file of the demo dataset, relative to its root."""
     names = [name for name, _, _ in video_names(config)]
     files = [f"Videos/{name}.mp4" for name in names] + [f"groundTruth/{name}.txt" for name in names]
-    files += [f"splits/{subset}.split{split}.bundle" for split in range(1, config.num_subjects + 1) for subset in ("test", "train")]
+    splits = range(1, config.num_subjects + 1)
+    files += [f"splits/{subset}.split{split}.bundle" for split in splits for subset in ("test", "train")]
     return files + ["mapping.txt", "demo.json", "README.txt"]
 
 

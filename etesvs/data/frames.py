@@ -213,7 +213,7 @@ def ffmpeg_reason(stderr: str) -> str:
 
 
 def decode_command(video_file: Path, config: ExtractConfig) -> list[str]:
-    """The ffmpeg command that decodes exactly ``video_file`` to MJPEG images on stdout (see :func:`decode_video_to_jpeg`)."""
+    """The ffmpeg command that decodes exactly ``video_file`` to MJPEG images on stdout."""
     width, height = (expression.replace(",", "\\,") for expression in scale_filter_args(config.short_side))
     return [
         ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error",
@@ -515,7 +515,8 @@ def extract_frames(
             try:
                 result = future.result()
             except BrokenProcessPool:
-                raise Interrupted("extract_frames: a worker process was killed (out of memory?)", signal.SIGKILL) from None
+                message = "extract_frames: a worker process was killed (out of memory?)"
+                raise Interrupted(message, signal.SIGKILL) from None
             results.append(result)
             bar.update(1)
             if result.status == "failed" and not skip_bad_videos:

@@ -305,7 +305,8 @@ def activitynet_to_ground_truth(
             staged[f"groundTruth/{video}.txt"].write_text("\n".join(frame_labels) + "\n", encoding="utf-8")
         staged["mapping.txt"].write_text("".join(f"{i} {name}\n" for i, name in enumerate(classes)), encoding="utf-8")
         for subset, members in split_members.items():
-            staged[f"splits/{subset}.split1.bundle"].write_text("".join(f"{v}.txt\n" for v in members), encoding="utf-8")
+            bundle = "".join(f"{video}.txt\n" for video in members)
+            staged[f"splits/{subset}.split1.bundle"].write_text(bundle, encoding="utf-8")
     return list(ground_truth)
 
 
