@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import signal
 import sys
 import threading
@@ -57,7 +58,7 @@ def signal_name(number: int) -> str:
 def describe_os_error(error: OSError, path: object = None) -> str:
     """One line for an operating-system error: ``<path>: <reason>``, the path from ``path`` or the error itself.
 
-    h5py and some libraries raise ``OSError`` without ``filename`` and a long message; only its first line is kept.
+    h5py and some libraries raise ``OSError`` without ``filename`` or ``errno``: their message is kept, on one line.
     """
     name = path if path is not None else error.filename
     reason = _OS_REASONS.get(error.errno) if error.errno is not None else None
@@ -69,7 +70,16 @@ def describe_os_error(error: OSError, path: object = None) -> str:
     return f"{name}: {reason}"
 
 
+_handler_pid = 0
+
+
 def _raise_interrupted(number: int, frame) -> None:
+    if os.getpid() != _handler_pid:
+        # A child forked by this process (a pool or DataLoader worker) inherited the handler: end the way a
+        # process without it would, instead of raising into the worker's code and printing its traceback.
+        signal.signal(number, signal.SIG_DFL)
+        os.kill(os.getpid(), number)
+        return
     raise Interrupted(f"interrupted by {signal_name(number)}", number)
 
 
@@ -82,7 +92,9 @@ def run_main(main: Callable[[], object]) -> None:
     - Ctrl-C, SIGTERM or a child killed by a signal: ``error: interrupted ...``, exit status 128 + the signal's
       number (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a process ended by that signal.
     """
+    global _handler_pid
     if threading.current_thread() is threading.main_thread():
+        _handler_pid = os.getpid()
         signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         main()
@@ -97,10 +109,9 @@ def run_main(main: Callable[[], object]) -> None:
 
 
 def _fail(message: str, status: int) -> None:
-    # Ignore further Ctrl-C/SIGTERM while exiting: the one line is printed, and a second signal must not
-    # replace it with a traceback from an exit handler.
+    # While exiting, a second Ctrl-C or SIGTERM ends the process at once, without a traceback from an exit handler.
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
     print(f"error: {' '.join(message.split())}", file=sys.stderr)
     sys.exit(status)

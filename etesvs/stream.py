@@ -115,7 +115,7 @@ def ffmpeg_source(video: str | Path, *, live: bool = False) -> list[str]:
             raise EtesvsError(f"{name}: camera device not found")
         return ["-f", "v4l2", "-i", name]
     raise EtesvsError(
-        f"{name}: --live expects a URL ({', '.join(s + '://' for s in LIVE_SCHEMES[:3])} ..., http://, udp://, tcp://) "
+        f"{name}: --live expects a URL (rtsp://, rtmp://, http://, https://, udp://, tcp://, srt://) "
         "or a camera device such as /dev/video0"
     )
 

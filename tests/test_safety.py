@@ -934,3 +934,27 @@ def test_a_failed_first_run_leaves_no_output_directory(tmp_path):
             staged["a.txt"].write_text("half")
             raise RuntimeError("killed")
     assert list(tmp_path.rglob("*")) == [tmp_path / "new"]
+
+
+FORKED_CHILD = """
+import os, signal, sys, time
+from etesvs.errors import run_main
+
+def main():
+    child = os.fork()
+    if child == 0:  # a worker forked by an entry point inherits its SIGTERM handler
+        time.sleep(30)
+        os._exit(0)
+    time.sleep(0.5)
+    os.kill(child, signal.SIGTERM)
+    _, status = os.waitpid(child, 0)
+    print(os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM)
+
+run_main(main)
+"""
+
+
+def test_a_forked_child_ends_on_sigterm_like_a_plain_process():
+    result = subprocess.run([sys.executable, "-c", FORKED_CHILD], capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
+    assert (result.returncode, result.stdout, result.stderr) == (0, "True\n", "")
