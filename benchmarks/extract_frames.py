@@ -19,23 +19,16 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from etesvs.data.frames import ExtractConfig, FrameReader, extract_frames, ffmpeg_exe, frames_path, scale_filter_args
+from etesvs.data.frames import ExtractConfig, FrameReader, decode_command, extract_frames, ffmpeg_exe, frames_path
+from etesvs.io import ffmpeg_file_output
 from etesvs.data.layout import VIDEO_EXTENSIONS
 
 
 def bare_ffmpeg(video: Path, config: ExtractConfig) -> None:
-    """Decode and scale with the same filter graph as the stage, discarding the frames."""
-    import ffmpeg
-
-    width, height = scale_filter_args(config.short_side)
-    (
-        ffmpeg.input(str(video), threads=config.ffmpeg_threads)
-        .filter("fps", fps=config.fps)
-        .filter("scale", width, height)
-        .output("-", format="null", threads=config.ffmpeg_threads)
-        .global_args("-nostdin", "-loglevel", "error")
-        .run(cmd=ffmpeg_exe())
-    )
+    """Decode and scale with the same input and filter graph as the stage, discarding the frames."""
+    command = decode_command(video, config)
+    output = command.index("-f")  # the stage's output options (MJPEG to a pipe) give way to a null sink
+    subprocess.run([*command[:output], "-f", "null", "-"], check=True)
 
 
 def make_test_videos(directory: Path, count: int = 12, seconds: int = 20) -> list[Path]:
@@ -44,7 +37,8 @@ def make_test_videos(directory: Path, count: int = 12, seconds: int = 20) -> lis
         path = directory / f"test{index:02d}.mp4"
         subprocess.run(
             [ffmpeg_exe(), "-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
-             f"testsrc2=size=128x96:rate=15:duration={seconds}", "-c:v", "libx264", "-pix_fmt", "yuv420p", str(path)],
+             f"testsrc2=size=128x96:rate=15:duration={seconds}", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+             "-f", "mp4", ffmpeg_file_output(path)],
             check=True,
         )
         videos.append(path)

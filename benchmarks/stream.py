@@ -19,12 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from etesvs.checkpoints import save_checkpoint
 from etesvs.data.frames import ffmpeg_exe
 from etesvs.data.windows import IMAGENET_MEAN, IMAGENET_STD
-from etesvs.io import read_yaml
+from etesvs.io import ffmpeg_file_output, load_weights_file, read_yaml
 from etesvs.models.streaming import StreamingSegmenter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,7 +76,8 @@ def main() -> None:
             subprocess.run(
                 [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
                  f"testsrc=size={args.width}x{args.height}:rate={args.fps:g}:duration={60 * minutes}",
-                 "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast", str(video)],
+                 "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast", "-f", "mp4",
+                 ffmpeg_file_output(video)],
                 check=True,
             )  # fmt: skip
             run = subprocess.run(
@@ -88,7 +87,7 @@ def main() -> None:
             if run.returncode != 0:
                 sys.exit(f"streaming failed: {run.stderr.strip()[-2000:]}")
             results[minutes] = json.loads(run.stdout.splitlines()[-1])
-        described = torch.load(checkpoint, weights_only=True)
+        described = load_weights_file(checkpoint, what="checkpoint")
     size = described["image_size"]
     print(f"online inference on the CPU ({args.threads} threads), {args.width}x{args.height} video at "
           f"{args.fps:g} fps, network input {size}x{size}, window {described['window']}")  # fmt: skip

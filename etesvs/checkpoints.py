@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from etesvs.errors import EtesvsError
-from etesvs.io import atomic_path
+from etesvs.io import atomic_path, load_weights_file
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -47,15 +47,9 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (``torch.load(..., weights_only=True)``)."""
+    """Read a checkpoint written by :func:`save_checkpoint` (:func:`etesvs.io.load_weights_file`: plain weights only)."""
     path = Path(path)
-    if not path.is_file():
-        raise EtesvsError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        reason = " ".join(str(error).split())[:200]
-        raise EtesvsError(f"{path}: cannot read checkpoint ({type(error).__name__}: {reason})") from None
+    state = load_weights_file(path, what="checkpoint", map_location=map_location)
     if not isinstance(state, dict) or "model" not in state or "epoch" not in state:
         raise EtesvsError(f"{path}: not an etesvs checkpoint (missing 'model' or 'epoch')")
     return state

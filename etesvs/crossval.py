@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from etesvs.errors import EtesvsError, run_main
 from etesvs.evaluate import SUMMARY_COLUMNS
-from etesvs.io import atomic_path, read_yaml, write_json
+from etesvs.io import atomic_path, check_output_file, read_yaml, write_json
 from etesvs.params import compose, project_root
 
 METRICS = [key for _, key in SUMMARY_COLUMNS if key not in (None, "params", "flops_per_frame")]
@@ -112,6 +112,8 @@ def markdown(covered: dict[str, Any], summary: dict[str, dict[str, dict[str, Any
 
 def report(overrides: Sequence[str], root: Path, *, out: Path, out_json: Path) -> str:
     """Write the Markdown table and the JSON of the cross-validation selected by ``overrides``."""
+    check_output_file(out)
+    check_output_file(out_json)
     covered = plan(overrides, root)
     summary = aggregate(collect(covered["names"], root))
     text = markdown(covered, summary)

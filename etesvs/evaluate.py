@@ -26,7 +26,7 @@ import numpy as np
 
 from etesvs.data.layout import read_ground_truth, read_mapping, read_split
 from etesvs.errors import EtesvsError, run_main
-from etesvs.io import atomic_path, read_json, write_json
+from etesvs.io import atomic_path, check_output_file, claim_output_dir, path_inside, read_json, read_text, write_json
 from etesvs.metrics import (
     LocalizationScores,
     PerClassScores,
@@ -193,13 +193,7 @@ def evaluate_predictions(
 def read_prediction_file(path: str | Path) -> list[str]:
     """Class names per frame from a prediction file (one per line, or the MS-TCN results layout)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EtesvsError(f"{path}: file not found") from None
-    except UnicodeDecodeError:
-        raise EtesvsError(f"{path}: not a UTF-8 text file") from None
-    lines = text.splitlines()
+    lines = read_text(path).splitlines()  # a byte-order mark and CRLF line ends are accepted
     if lines and lines[0].startswith(MSTCN_HEADER):
         names = " ".join(lines[1:]).split()
     else:
@@ -216,7 +210,7 @@ def read_prediction_file(path: str | Path) -> list[str]:
 def find_prediction_file(predictions_dir: str | Path, video: str) -> Path:
     """``<dir>/<video>.txt`` or, as MS-TCN writes them, ``<dir>/<video>``."""
     predictions_dir = Path(predictions_dir)
-    for candidate in (predictions_dir / f"{video}.txt", predictions_dir / video):
+    for candidate in (path_inside(predictions_dir, f"{video}.txt"), path_inside(predictions_dir, video)):
         if candidate.is_file():
             return candidate
     raise EtesvsError(f"{predictions_dir / video}.txt: prediction of video '{video}' not found")
@@ -335,6 +329,56 @@ def summary_markdown(reports: Mapping[str, Mapping[str, object]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_report(
+    out_dir: str | Path,
+    result: EvaluationResult,
+    ground_truth: Mapping[str, np.ndarray],
+    *,
+    metrics: Mapping[str, object],
+    classes: Sequence[str],
+    fps: float,
+    background_ids: Sequence[int],
+    model: str,
+    window: int = 0,
+    max_confusion_rows: int = 20000,
+    inputs: Sequence[str | Path] = (),
+) -> None:
+    """Write the report of stage evaluate into ``out_dir`` (``reports/<model>``, shared with the training reports).
+
+    ``metrics.json``, ``per_class.csv`` and ``confusion.csv`` are written atomically; ``segments/`` holds one
+    picture per video and belongs to this stage (see :func:`etesvs.io.claim_output_dir`; its marker is
+    ``.segments.etesvs-output.json`` beside it): pictures of videos no longer evaluated are removed, and a
+    ``segments/`` holding anything else is refused before anything is written.
+    """
+    out_dir = Path(out_dir)
+    for name in ("metrics.json", "per_class.csv", "confusion.csv"):
+        check_output_file(out_dir / name)
+    from etesvs.viz import save_segments_figure  # matplotlib only where pictures are drawn, not for the CLI
+
+    # DVC draws every file of segments/ as a plot, so its marker is kept beside it.
+    pictures = claim_output_dir(out_dir / "segments", owner="evaluate", inputs=inputs, marker_inside=False)
+    video_f1 = result.video_f1(0.5)
+    with pictures.replace([f"{video}.png" for video in result.videos]) as staged:
+        for video in result.videos:
+            save_segments_figure(
+                staged[f"{video}.png"],
+                ground_truth[video],
+                result.predictions[video],
+                class_names=classes,
+                fps=fps,
+                window=window,
+                title=f"{model}: {video}   F1@50 = {video_f1[video]:.1f}",
+                background_ids=background_ids,
+            )
+    for name, text in (
+        ("per_class.csv", per_class_csv(result, classes)),
+        ("confusion.csv", confusion_csv(result, ground_truth, classes, max_rows=max_confusion_rows)),
+    ):
+        with atomic_path(out_dir / name) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    write_json(out_dir / "metrics.json", dict(metrics))
+
+
 def write_summary(metrics_files: Sequence[str | Path], out: str | Path) -> str:
     """Write the summary table of ``reports/<model>/metrics.json`` files (model = the parent directory's name)."""
     reports = {Path(path).parent.name: read_json(path) for path in metrics_files}
@@ -358,13 +402,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser.add_argument("--probabilities", type=Path, default=None, help="probs.h5 for the localization metrics")
     parser.add_argument("--out", type=Path, default=None, help="write the metrics (percent) as JSON here")
     args = parser.parse_args(argv)
+    if args.out is not None:
+        inputs = [args.mapping, args.split, *([args.probabilities] if args.probabilities else [])]
+        check_output_file(args.out, inputs=inputs)
 
     classes = read_mapping(args.mapping)
     background_ids = background_class_ids(args.background, classes, mapping=args.mapping)
     videos = read_split(args.split)
     ground_truth, predictions = {}, {}
     for video in videos:
-        truth_file = args.ground_truth / f"{video}.txt"
+        truth_file = path_inside(args.ground_truth, f"{video}.txt")
         ground_truth[video] = class_ids(read_ground_truth(truth_file), classes, source=truth_file)
         prediction_file = find_prediction_file(args.predictions, video)
         predictions[video] = class_ids(read_prediction_file(prediction_file), classes, source=prediction_file)

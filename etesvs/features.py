@@ -55,7 +55,7 @@ import torch
 from etesvs.data.frames import FrameReader, frames_path
 from etesvs.distributed import DistInfo, shard
 from etesvs.errors import EtesvsError
-from etesvs.io import atomic_path, write_json
+from etesvs.io import OutputDir, atomic_path, check_plain_name, claim_output_dir, path_inside, write_json
 from etesvs.models.i3d import (
     FEATURE_DIM,
     TEMPORAL_CENTER_OFFSET,
@@ -69,6 +69,7 @@ EXTRACTOR = "i3d-rgb-mixed5c"
 METHODS = ("window", "chunked")
 DTYPES = ("float16", "float32")
 FEATURES_FILE = "features.h5"
+INFO_FILE = "info.json"
 CHUNK_ROWS = 256
 """Rows (frames) per HDF5 chunk of a feature dataset."""
 
@@ -520,20 +521,30 @@ def extract_features(
     device: torch.device,
     num_frames: dict[str, int] | None = None,
     progress: bool = True,
-) -> list[RankStats] | None:
+    inputs: Sequence[str | os.PathLike] = (),
+) -> tuple[list[RankStats], OutputDir] | None:
     """Write ``<out_dir>/features.h5`` with the per-frame features of ``videos``; resumable.
 
-    Every rank computes ``videos[rank::world_size]`` into its own partial file; after a barrier rank 0
-    merges all partial files into ``features.h5`` and deletes them. ``num_frames`` (from the labels), when
-    given, must match each frame container. Returns every rank's :class:`RankStats` on rank 0, None elsewhere.
+    Rank 0 claims ``out_dir`` (see :func:`etesvs.io.claim_output_dir`; ``inputs`` are further directories the
+    run reads) and records every rank's partial file in its marker before any is written. Every rank computes
+    ``videos[rank::world_size]`` into its own partial file; after a barrier rank 0 merges all partial files into
+    ``features.h5``. ``num_frames`` (from the labels), when given, must match each frame container. Returns
+    every rank's :class:`RankStats` and the claimed directory on rank 0 (which removes the partial files when it
+    is done with the directory, see :meth:`OutputDir.retain`), None elsewhere.
     """
     frames_dir, out_dir = Path(frames_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     videos = list(dict.fromkeys(videos))
+    output = None
+    if dist.is_main:
+        output = claim_output_dir(out_dir, owner="extract_features", inputs=[frames_dir, *inputs],
+                                  adopt=_is_feature_file)
+        output.expect([partial_path(out_dir, rank, dist.world_size).name for rank in range(dist.world_size)]
+                      + [FEATURES_FILE, INFO_FILE])
     barrier_group = None
     if dist.is_distributed:
         # A dedicated Gloo group with a long timeout: ranks with long videos may finish hours after the others.
         barrier_group = torch.distributed.new_group(backend="gloo", timeout=timedelta(days=7))
+        torch.distributed.barrier(group=barrier_group)  # the directory is claimed before any rank writes
     stats = _extract_shard(
         shard(videos, dist.rank, dist.world_size),
         frames_dir=frames_dir,
@@ -556,10 +567,14 @@ def extract_features(
     owners = {
         video: partial_path(out_dir, index % dist.world_size, dist.world_size) for index, video in enumerate(videos)
     }
-    merge_partials(owners, out_dir / FEATURES_FILE, store_header(backbone, config))
-    for stale in out_dir.glob(f"{FEATURES_FILE}*.partial"):  # also those of runs with another world size
-        stale.unlink()
-    return all_stats
+    merge_partials(owners, output.file(FEATURES_FILE), store_header(backbone, config))
+    return all_stats, output
+
+
+def _is_feature_file(path: Path) -> bool:
+    """A file that extract_features writes (for output directories made before ownership markers)."""
+    return path.name in (FEATURES_FILE, INFO_FILE) or (path.name.startswith(FEATURES_FILE)
+                                                       and path.name.endswith(".partial"))
 
 
 def extract_dataset_features(
@@ -595,14 +610,16 @@ def extract_dataset_features(
     if dist.is_main:
         for warning in caught:
             print(f"warning: {warning.message}", file=sys.stderr)
-    stats = extract_features(videos, frames_dir=frames_dir, out_dir=out_dir, backbone=backbone, config=config,
-                             dist=dist, device=dist.device, num_frames=info.num_frames)
-    if stats is None:  # not the main process
+    done = extract_features(videos, frames_dir=frames_dir, out_dir=out_dir, backbone=backbone, config=config,
+                            dist=dist, device=dist.device, num_frames=info.num_frames, inputs=[labels_dir])
+    if done is None:  # not the main process
         return None
+    stats, output = done
     with FrameReader(frames_path(frames_dir, videos[0])) as reader:
         flops = flops_per_frame(backbone.model, config, height=reader.height, width=reader.width)
     summary = feature_info(backbone, config=config, flops=flops, videos=len(videos))
-    write_json(Path(out_dir) / "info.json", summary)
+    write_json(output.file(INFO_FILE), summary)
+    output.retain([FEATURES_FILE, INFO_FILE])  # the partial files of this and of earlier runs
     return summary, run_speed(stats)
 
 
@@ -705,7 +722,7 @@ def import_npy_features(
         with h5py.File(tmp, "w") as out:
             out.attrs.update({**attrs, "dtype": dtype})
             for video in videos:
-                path = npy_dir / f"{video}.npy"
+                path = path_inside(npy_dir, f"{check_plain_name(video, source=npy_dir)}.npy")
                 features = read_release_array(path, feature_dim=feature_dim)
                 if num_frames is not None:
                     fitted = fit_length(features, num_frames[video], max_mismatch=max_length_mismatch, path=path)

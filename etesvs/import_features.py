@@ -17,7 +17,7 @@ from pathlib import Path
 from etesvs.data.labels import load_label_info
 from etesvs.errors import EtesvsError, run_main
 from etesvs.features import DTYPES, import_npy_features
-from etesvs.io import write_json
+from etesvs.io import check_output_file, write_json
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
         fps = info.fps if fps is None else fps
     if fps is None:
         raise EtesvsError("--fps is required without --labels (the frame rate of the features)")
+    check_output_file(args.out, inputs=[args.npy_dir, *([args.labels] if args.labels else [])])
+    check_output_file(args.out.parent / "info.json", inputs=[args.npy_dir])
     notes = import_npy_features(args.npy_dir, args.out, videos=videos, num_frames=num_frames, fps=fps,
                                 feature_dim=args.feature_dim, dtype=args.dtype,
                                 max_length_mismatch=args.max_length_mismatch)

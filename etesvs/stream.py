@@ -1,13 +1,18 @@
 """Online action segmentation of a video file with a trained streaming model.
 
     python -m etesvs.stream VIDEO --checkpoint models/etesvs/best.pt [--fps F] [--window N] [--out DIR]
+    python -m etesvs.stream --live rtsp://camera.local/stream --checkpoint ...      (or /dev/video0)
 
-ffmpeg decodes the video (any format it reads) straight to raw RGB frames at the model's frame rate and input size;
+ffmpeg decodes the video file (any format it reads) straight to raw RGB frames at the model's frame rate and input size;
 the model labels them window by window, carrying only its constant-size state from one window to the next. Each
 segment is printed as a JSON line as soon as it is final (when the label changes), ``--windows`` also prints every
 window's labels, and a last line lists the segments of the whole video. Nothing grows with the length of the video:
 the segments are spooled to a file, and ``--out DIR`` writes ``labels.txt`` (one class name per frame),
 ``segments.jsonl`` and ``segments.png`` (a coloured bar with a legend) incrementally.
+
+VIDEO is always a file name: ffmpeg opens exactly that file, whatever the name looks like ("concat:a|b",
+"http://..."). Live sources (an RTSP, HTTP, UDP, TCP, RTMP or SRT URL, or a camera device) are read only with
+``--live``.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,12 +33,18 @@ from typing import IO, Iterator, Sequence
 import numpy as np
 import torch
 
-from etesvs.checkpoints import load_checkpoint
+from etesvs.data.frames import ffmpeg_exe, ffmpeg_interruption, ffmpeg_reason
 from etesvs.errors import EtesvsError, run_main
-from etesvs.io import atomic_path
+from etesvs.io import atomic_path, claim_output_dir, ffmpeg_file_input, load_weights_file
 from etesvs.models.streaming import StreamingSegmenter
 
 REQUIRED_KEYS = ("model", "model_args", "classes", "fps", "window", "sample_rate", "image_size", "normalization")
+OUTPUT_FILES = ("labels.txt", "segments.jsonl", "segments.png")
+# --live: URL schemes, and the ffmpeg protocols they may use (never file, pipe, fd, concat, subfile or data).
+LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "rtmpt", "rtmpe", "rtmpts", "rtmpte", "http", "https", "udp",
+                "tcp", "srt", "rtp")  # fmt: skip
+LIVE_PROTOCOLS = LIVE_SCHEMES + ("tls", "httpproxy", "srtp", "crypto", "ffrtmpcrypt", "ffrtmphttp")
+URL_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
 
 
 @dataclass(frozen=True)
@@ -52,7 +64,9 @@ class StreamModel:
 
 def load_stream_model(path: str | Path, device: str | torch.device = "cpu") -> StreamModel:
     """Rebuild the model of a self-describing checkpoint (``torch.load(weights_only=True)``) in eval mode."""
-    checkpoint = load_checkpoint(path, map_location=device)
+    checkpoint = load_weights_file(path, what="checkpoint", map_location=device)
+    if not isinstance(checkpoint, dict):
+        raise EtesvsError(f"{path}: not a streaming-model checkpoint (not a dictionary)")
     missing = [key for key in REQUIRED_KEYS if key not in checkpoint]
     if missing:
         raise EtesvsError(f"{path}: not a streaming-model checkpoint (missing {', '.join(missing)})")
@@ -77,25 +91,48 @@ def load_stream_model(path: str | Path, device: str | torch.device = "cpu") -> S
     )
 
 
-def _ffmpeg_exe() -> str:
-    import imageio_ffmpeg
+def ffmpeg_source(video: str | Path, *, live: bool = False) -> list[str]:
+    """ffmpeg input arguments for ``video``: exactly that file, or with ``live`` a network URL or a camera device.
 
-    return imageio_ffmpeg.get_ffmpeg_exe()
+    Without ``live`` a name that looks like a URL is a file name like any other; with ``live`` only the network
+    protocols of :data:`LIVE_PROTOCOLS` are allowed (never local files through a URL).
+    """
+    name = str(video)
+    if not live:
+        if not Path(name).is_file():
+            hint = ""
+            if URL_LIKE.match(name):
+                hint = " (to read a live source such as an RTSP URL or a camera, pass --live)"
+            if Path(name).is_dir():
+                raise EtesvsError(f"{name}: is a directory, expected a video file")
+            raise EtesvsError(f"{name}: video file not found{hint}")
+        return ffmpeg_file_input(name)
+    scheme = name.split(":", 1)[0].lower() if URL_LIKE.match(name) else ""
+    if scheme in LIVE_SCHEMES and "://" in name:
+        return ["-protocol_whitelist", ",".join(LIVE_PROTOCOLS), "-i", name]
+    if name.startswith("/dev/") and sys.platform.startswith("linux"):
+        if not Path(name).exists():
+            raise EtesvsError(f"{name}: camera device not found")
+        return ["-f", "v4l2", "-i", name]
+    raise EtesvsError(
+        f"{name}: --live expects a URL (rtsp://, rtmp://, http://, https://, udp://, tcp://, srt://) "
+        "or a camera device such as /dev/video0"
+    )
 
 
-def read_frames(video: str | Path, *, fps: float, image_size: int, chunk: int) -> Iterator[np.ndarray]:
+def read_frames(
+    video: str | Path, *, fps: float, image_size: int, chunk: int, live: bool = False
+) -> Iterator[np.ndarray]:
     """Decode ``video`` with ffmpeg at ``fps``, squeezed to ``image_size`` x ``image_size``, ``chunk`` frames at a time.
 
     ffmpeg runs as a subprocess with an argument list (no shell) and writes raw RGB to a pipe; only one chunk is in
-    memory at a time. Yields uint8 arrays (n, S, S, 3), n = ``chunk`` except for the last. Raises
-    :class:`EtesvsError` naming the file and ffmpeg's reason when it can't be decoded.
+    memory at a time. ``video`` is a file name (see :func:`ffmpeg_source`; ``live`` for a URL or a camera).
+    Yields uint8 arrays (n, S, S, 3), n = ``chunk`` except for the last. Raises :class:`EtesvsError` naming the
+    file and ffmpeg's reason when it can't be decoded, :class:`Interrupted` when a signal stopped ffmpeg.
     """
-    video = Path(video)
-    if not video.is_file():
-        raise EtesvsError(f"{video}: video file not found")
     command = [
-        _ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error",
-        "-i", str(video), "-an", "-sn",
+        ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error",
+        *ffmpeg_source(video, live=live), "-an", "-sn",
         "-vf", f"fps={fps:g},scale={image_size}:{image_size}:flags=bilinear",
         "-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:1",
     ]  # fmt: skip
@@ -123,11 +160,14 @@ def read_frames(video: str | Path, *, fps: float, image_size: int, chunk: int) -
             process.kill()
         code = process.wait()
         drain.join()
-    message = " ".join(b"".join(errors).decode("utf-8", errors="replace").split())
+    stderr = b"".join(errors).decode("utf-8", errors="replace")
+    interruption = ffmpeg_interruption(code, stderr, str(video))
+    if interruption is not None:
+        raise interruption
     if code != 0:
-        raise EtesvsError(f"{video}: ffmpeg could not decode it: {message or f'exit status {code}'}")
+        raise EtesvsError(f"{video}: ffmpeg could not decode it: {ffmpeg_reason(stderr)}")
     if decoded == 0:
-        raise EtesvsError(f"{video}: no video frames decoded{f' ({message})' if message else ''}")
+        raise EtesvsError(f"{video}: no video frames decoded{f' ({ffmpeg_reason(stderr)})' if stderr.strip() else ''}")
 
 
 @dataclass(frozen=True)
@@ -141,9 +181,17 @@ class WindowLabels:
 
 @torch.inference_mode()
 def stream_labels(
-    stream_model: StreamModel, video: str | Path, *, window: int | None = None, fps: float | None = None
+    stream_model: StreamModel,
+    video: str | Path,
+    *,
+    window: int | None = None,
+    fps: float | None = None,
+    live: bool = False,
 ) -> Iterator[WindowLabels]:
-    """Label ``video`` window by window with constant memory: yields one :class:`WindowLabels` per window."""
+    """Label ``video`` window by window with constant memory: yields one :class:`WindowLabels` per window.
+
+    ``video`` is a file name; with ``live``, a URL or a camera device (see :func:`ffmpeg_source`).
+    """
     window = window or stream_model.window
     sample_rate = stream_model.sample_rate
     if window % sample_rate:
@@ -156,7 +204,7 @@ def stream_labels(
     size = stream_model.image_size
     state = None
     start = 0
-    chunks = read_frames(video, fps=fps or stream_model.fps, image_size=size, chunk=window)
+    chunks = read_frames(video, fps=fps or stream_model.fps, image_size=size, chunk=window, live=live)
     for index, chunk in enumerate(chunks):
         count = len(chunk)
         fed = torch.from_numpy(chunk[::sample_rate]).to(device)  # (n', S, S, 3) uint8
@@ -271,21 +319,29 @@ def run_stream(
     fps: float | None = None,
     print_windows: bool = False,
     stdout: IO[str] = sys.stdout,
+    live: bool = False,
+    inputs: Sequence[str | Path] = (),
 ) -> dict:
     """Stream ``video``: JSON lines on ``stdout`` as segments become final, the whole video's segments at the end.
 
-    Returns a small summary (frames, segments, windows) without the labels themselves.
+    ``video`` is a file name; with ``live``, a URL or a camera device (see :func:`ffmpeg_source`). ``out_dir``
+    must be new, empty or an earlier ``--out`` of this command (see :func:`etesvs.io.claim_output_dir`; ``inputs``,
+    such as the checkpoint, must stay outside it). Returns a small summary (frames, segments, windows) without
+    the labels themselves.
     """
     classes = stream_model.classes
     rate = fps or stream_model.fps
     tracker = SegmentTracker()
-    out_dir = Path(out_dir) if out_dir is not None else None
+    ffmpeg_source(video, live=live)  # a missing file or a bad --live source fails before anything is written
+    output = None
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
+        sources = [*inputs, *([] if live else [video])]
+        output = claim_output_dir(out_dir, owner="stream", inputs=sources)
+        output.expect(OUTPUT_FILES)
     # With --out, labels and segments go to temporary files renamed into place at the end; without, the segments
     # are spooled to an anonymous temporary file.
-    labels_context = atomic_path(out_dir / "labels.txt") if out_dir is not None else contextlib.nullcontext()
-    spool_context = atomic_path(out_dir / "segments.jsonl") if out_dir is not None else contextlib.nullcontext()
+    labels_context = atomic_path(output.file("labels.txt")) if output is not None else contextlib.nullcontext()
+    spool_context = atomic_path(output.file("segments.jsonl")) if output is not None else contextlib.nullcontext()
     frames = windows = segments = 0
     with labels_context as labels_tmp, spool_context as spool_tmp:
         if spool_tmp is None:
@@ -302,7 +358,7 @@ def run_stream(
                     spool.write(json.dumps(record) + "\n")
                     segments += 1
 
-            for item in stream_labels(stream_model, video, window=window, fps=fps):
+            for item in stream_labels(stream_model, video, window=window, fps=fps, live=live):
                 windows += 1
                 frames = item.start + len(item.labels)
                 if print_windows:
@@ -325,24 +381,28 @@ def run_stream(
             spool.close()
             if labels_file is not None:
                 labels_file.close()
-    if out_dir is not None:
-        names = (out_dir / "labels.txt").read_text(encoding="utf-8").splitlines()
+    if output is not None:
+        names = output.file("labels.txt").read_text(encoding="utf-8").splitlines()
         index = {name: i for i, name in enumerate(classes)}
         labels = np.fromiter((index[name] for name in names), dtype=np.int64, count=len(names))
-        save_label_bar(out_dir / "segments.png", labels, classes=classes, fps=rate,
-                       background_ids=stream_model.background_ids, title=Path(video).name)  # fmt: skip
+        title = str(video) if live else Path(video).name
+        save_label_bar(output.file("segments.png"), labels, classes=classes, fps=rate,
+                       background_ids=stream_model.background_ids, title=title)  # fmt: skip
     return {"frames": frames, "segments": segments, "windows": windows}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m etesvs.stream", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("video", type=Path, help="any video file ffmpeg can read")
+    parser.add_argument("video", help="a video file (any format ffmpeg reads); with --live a URL or a camera device")
     parser.add_argument("--checkpoint", type=Path, required=True, help="a streaming-model checkpoint (best.pt)")
     parser.add_argument("--fps", type=float, default=None, help="frames per second to label (default: the model's)")
     parser.add_argument("--window", type=int, default=None, help="frames per window (default: the model's)")
     parser.add_argument("--out", type=Path, default=None, help="directory for labels.txt, segments.jsonl, segments.png")
     parser.add_argument("--windows", action="store_true", help="also print every window's labels")
+    parser.add_argument("--live", action="store_true",
+                        help="VIDEO is a live source: an rtsp/http/https/udp/tcp/rtmp/srt URL or a device such as "
+                             "/dev/video0 (without it, VIDEO is always read as a file name)")  # fmt: skip
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = parser.parse_args(argv)
@@ -354,7 +414,7 @@ def main(argv: list[str] | None = None) -> None:
         raise EtesvsError(f"--window must be positive (got {args.window})")
     stream_model = load_stream_model(args.checkpoint, device=args.device)
     summary = run_stream(stream_model, args.video, out_dir=args.out, window=args.window, fps=args.fps,
-                         print_windows=args.windows)  # fmt: skip
+                         print_windows=args.windows, live=args.live, inputs=[args.checkpoint])  # fmt: skip
     print(f"stream: {summary['frames']} frames, {summary['windows']} windows, {summary['segments']} segments"
           + (f" -> {args.out}" if args.out else ""), file=sys.stderr)  # fmt: skip
 

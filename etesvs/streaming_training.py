@@ -301,6 +301,7 @@ def train_streaming(
         val_labels={video: load_labels(labels_dir, video) for video in val_videos},
         background_ids=info.background_ids, epochs=train["epochs"], seed=seed, paths=paths,
         fingerprint=run_fingerprint(config), model_args=model_args, metadata=metadata, dist=dist, scaler=scaler,
+        inputs=[frames_dir, labels_dir],
     )
     if not dist.is_main:
         return {}

@@ -233,6 +233,7 @@ def train_temporal(
         val_labels={video: load_labels(labels_dir, video) for video in val_videos},
         background_ids=info.background_ids, epochs=train["epochs"], seed=seed, paths=paths,
         fingerprint=run_fingerprint(config), model_args=model_args, dist=dist, scaler=scaler,
+        inputs=[features_file, labels_dir],
         metadata={"model_name": name, "classes": list(info.classes), "background_ids": list(info.background_ids),
                   "sample_rate": sample_rate, "fps": info.fps},
     )

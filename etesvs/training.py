@@ -38,7 +38,7 @@ from torch import nn
 from etesvs.checkpoints import load_checkpoint, save_checkpoint, unwrap_model
 from etesvs.distributed import DistInfo, barrier
 from etesvs.errors import EtesvsError
-from etesvs.io import atomic_path, write_json
+from etesvs.io import OutputDir, atomic_path, check_output_file, claim_output_dir, write_json
 from etesvs.metrics.segmentation import segmentation_metrics
 
 VALIDATION_KEYS = ("acc", "edit", "f1_50")
@@ -269,6 +269,36 @@ class _Run:
     start_epoch: int
 
 
+def _owner(name: str) -> str:
+    return f"training of {name}"
+
+
+def claim_run_outputs(name: str, paths: RunPaths, *, inputs: Sequence[str | os.PathLike] = ()) -> OutputDir:
+    """Claim the checkpoint directory (see :func:`etesvs.io.claim_output_dir`) and check the curves file, before
+    anything is written; ``inputs`` are what the run reads. Returns the checkpoint directory."""
+    def is_checkpoint(path: Path) -> bool:  # for directories written before ownership markers
+        return path.name in ("last.pt", "best.pt")
+
+    checkpoints = claim_output_dir(paths.checkpoints, owner=_owner(name), inputs=inputs, adopt=is_checkpoint)
+    checkpoints.expect(["last.pt", "best.pt"])
+    check_output_file(paths.curves, inputs=inputs)
+    return checkpoints
+
+
+def _tensorboard(name: str, paths: RunPaths, start_epoch: int) -> Any:
+    """A TensorBoard writer in its own directory (claimed like the others; its event files are recorded)."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    def is_event_file(path: Path) -> bool:
+        return path.name.startswith("events.out.tfevents.")
+
+    directory = claim_output_dir(paths.tensorboard, owner=_owner(name), adopt=is_event_file)
+    before = set(os.listdir(paths.tensorboard)) if paths.tensorboard.is_dir() else set()
+    writer = SummaryWriter(log_dir=str(paths.tensorboard), purge_step=start_epoch)
+    directory.record(sorted(set(os.listdir(paths.tensorboard)) - before))  # the event file it has just opened
+    return writer
+
+
 def _start(name: str, paths: RunPaths, fingerprint: str, *, model: nn.Module, optimizer: Any, scheduler: Any,
            scaler: Any, dist: DistInfo, log: Callable[[str], None]) -> _Run:
     """A fresh run, or the state of ``last.pt`` when it belongs to this run (see :func:`_resume`)."""
@@ -336,6 +366,7 @@ def fit(
     dist: DistInfo,
     scheduler: Any = None,
     scaler: torch.amp.GradScaler | None = None,
+    inputs: Sequence[str | os.PathLike] = (),
     log: Callable[[str], None] = print,
 ) -> RunResult:
     """Train for ``epochs`` epochs in all, resuming from ``last.pt`` when it belongs to this run.
@@ -344,15 +375,14 @@ def fit(
     labels), writes ``last.pt`` and, when :func:`selection_score` improves, ``best.pt`` (without ``val_labels``
     the last epoch is the best), and updates the curves and TensorBoard. Checkpoints hold ``model_args`` and
     ``metadata`` (what a checkpoint needs to be used on its own: classes, frame rate, ...). ``scheduler`` steps
-    once per epoch (ReduceLROnPlateau on the training loss).
+    once per epoch (ReduceLROnPlateau on the training loss). The output directories are claimed first (see
+    :func:`claim_run_outputs`; ``inputs`` are what the run reads, never to be written over).
     """
+    if dist.is_main:
+        claim_run_outputs(name, paths, inputs=inputs)
     run = _start(name, paths, fingerprint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                  dist=dist, log=log)
-    writer = None
-    if dist.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=str(paths.tensorboard), purge_step=run.start_epoch)
+    writer = _tensorboard(name, paths, run.start_epoch) if dist.is_main else None
     try:
         for epoch in range(run.start_epoch, epochs + 1):
             seed_epoch(seed, epoch)
@@ -397,12 +427,12 @@ def predict_test(
     ``model.json`` holds the model's name, ``describe(model)`` (parameters, FLOPs per frame, what the backbone
     was initialised from, the settings of the run), the selected epoch and its validation scores.
     """
+    predictions = claim_output_dir(paths.predictions, owner=_owner(name))
     best = load_checkpoint(paths.checkpoints / "best.pt", map_location=device)
     network = unwrap_model(model)
     network.load_state_dict(best["model"])
     network.eval()
     probabilities = predict(network, list(test_videos))
-    write_probabilities(paths.predictions / "probs.h5", probabilities, classes=classes, model=name)
     best_row = next((row for row in result.history if row["epoch"] == best["epoch"]), {})
     summary = {
         "model": name,
@@ -411,5 +441,7 @@ def predict_test(
         **{f"val_{key}": best_row.get(f"val_{key}") for key in VALIDATION_KEYS},
         "model_args": best["model_args"],
     }
-    write_json(paths.predictions / "model.json", summary)
+    with predictions.replace(["probs.h5", "model.json"]) as staged:
+        write_probabilities(staged["probs.h5"], probabilities, classes=classes, model=name)
+        write_json(staged["model.json"], summary)
     return summary

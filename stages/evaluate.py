@@ -15,10 +15,9 @@ import h5py
 
 from etesvs.data.labels import load_label_info, load_labels
 from etesvs.errors import EtesvsError, run_main
-from etesvs.evaluate import confusion_csv, evaluate_predictions, json_safe, per_class_csv
-from etesvs.io import atomic_path, read_json, write_json
+from etesvs.evaluate import evaluate_predictions, json_safe, write_report
+from etesvs.io import read_json
 from etesvs.params import stage_params
-from etesvs.viz import save_segments_figure
 
 MODEL_FIELDS = ("params", "flops_per_frame", "backbone_pretrained")
 
@@ -51,26 +50,10 @@ def main() -> None:
 
     metrics = json_safe(result.metrics())
     metrics.update({field: model_info.get(field) for field in MODEL_FIELDS})
-    video_f1 = result.video_f1(0.5)
-    with atomic_path(args.out / "segments", directory=True) as pictures:
-        for video in result.videos:
-            save_segments_figure(
-                pictures / f"{video.replace('/', '_')}.png",
-                ground_truth[video],
-                result.predictions[video],
-                class_names=info.classes,
-                fps=info.fps,
-                window=window,
-                title=f"{args.model}: {video}   F1@50 = {video_f1[video]:.1f}",
-                background_ids=info.background_ids,
-            )
-    for name, text in (
-        ("per_class.csv", per_class_csv(result, info.classes)),
-        ("confusion.csv", confusion_csv(result, ground_truth, info.classes)),
-    ):
-        with atomic_path(args.out / name) as tmp:
-            tmp.write_text(text, encoding="utf-8")
-    write_json(args.out / "metrics.json", metrics)
+    write_report(
+        args.out, result, ground_truth, metrics=metrics, classes=info.classes, fps=info.fps,
+        background_ids=info.background_ids, model=args.model, window=window, inputs=[args.labels, args.predictions],
+    )
     print(f"{args.model}: " + ", ".join(f"{key} {value}" for key, value in metrics.items()))
 
 

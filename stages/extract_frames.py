@@ -13,7 +13,7 @@ from etesvs.data.frames import ExtractConfig, extract_frames, video_jobs
 from etesvs.data.labels import load_label_info
 from etesvs.data.layout import DatasetLayout, parse_video_path_rules
 from etesvs.errors import run_main
-from etesvs.io import write_json
+from etesvs.io import check_output_file, write_json
 from etesvs.params import stage_params
 
 
@@ -24,13 +24,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="directory of frame containers")
     parser.add_argument("--report", type=Path, required=True, help="JSON report of the run")
     args = parser.parse_args(argv)
+    check_output_file(args.report)
     params = stage_params("extract_frames")
     dataset, frames = params["dataset"], params["frames"]
     layout = DatasetLayout(args.root, video_path_rules=parse_video_path_rules(dataset["video_path_rules"]))
     config = ExtractConfig(fps=dataset["fps"], short_side=dataset["image_size"], jpeg_quality=frames["jpeg_quality"],
                            tolerance=frames["tolerance"])
     results = extract_frames(video_jobs(layout, load_label_info(args.labels).num_frames), args.out, config,
-                             workers=frames["workers"], skip_bad_videos=frames["skip_bad_videos"])
+                             workers=frames["workers"], skip_bad_videos=frames["skip_bad_videos"],
+                             inputs=[args.root, args.labels])
     reconciled = [warning for result in results for warning in result.warnings]
     failed = [result for result in results if result.status == "failed"]
     if reconciled:

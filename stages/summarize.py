@@ -7,6 +7,7 @@ from pathlib import Path
 
 from etesvs.errors import run_main
 from etesvs.evaluate import write_summary
+from etesvs.io import check_output_file
 
 
 def main() -> None:
@@ -14,6 +15,7 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, nargs="+", required=True, help="reports/<model>/metrics.json files")
     parser.add_argument("--out", type=Path, required=True, help="Markdown file, e.g. reports/summary.md")
     args = parser.parse_args()
+    check_output_file(args.out, inputs=args.metrics)
     print(write_summary(args.metrics, args.out), end="")
 
 

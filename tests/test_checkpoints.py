@@ -32,7 +32,7 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
-    with pytest.raises(EtesvsError, match="broken.pt: cannot read checkpoint"):
+    with pytest.raises(EtesvsError, match="broken.pt: truncated or not a PyTorch checkpoint$"):
         load_checkpoint(broken)
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)

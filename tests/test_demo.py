@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -52,8 +53,9 @@ def test_layout_is_ms_tcn(tiny_dataset):
     out, videos = tiny_dataset
     assert videos == ["S1_Tea_1", "S2_Tea_2", "S1_Coffee_3", "S2_Coffee_4"]
     assert sorted(path.name for path in out.iterdir()) == [
-        "README.txt", "Videos", "demo.json", "groundTruth", "mapping.txt", "splits",
+        ".etesvs-output.json", "README.txt", "Videos", "demo.json", "groundTruth", "mapping.txt", "splits",
     ]  # fmt: skip
+    assert json.loads((out / ".etesvs-output.json").read_text())["owner"] == "make_demo_data"
     assert sorted(path.stem for path in (out / "Videos").glob("*.mp4")) == sorted(videos)
     assert sorted(path.stem for path in (out / "groundTruth").glob("*.txt")) == sorted(videos)
     assert read_mapping(out / "mapping.txt") == list(CLASSES)
@@ -64,8 +66,9 @@ def test_layout_is_ms_tcn(tiny_dataset):
     }  # fmt: skip
     readme = (out / "README.txt").read_text()
     assert "Seed: 7." in readme and "64x48 pixels" in readme
-    # The temporary directory was renamed onto the output: nothing else is left beside it.
+    # The temporary files were renamed onto the outputs: nothing else is left beside them.
     assert [path.name for path in out.parent.iterdir()] == ["demo"]
+    assert not [path for path in out.rglob("*.tmp")]
 
 
 def test_videos_have_exactly_one_label_per_frame(tiny_dataset):
@@ -128,8 +131,8 @@ def test_different_seed_gives_different_videos():
 
 def test_interrupted_run_keeps_the_old_dataset(tiny_dataset, tmp_path, monkeypatch):
     out = tmp_path / "demo"
-    out.mkdir()
-    (out / "old.txt").write_text("previous dataset\n")
+    shutil.copytree(tiny_dataset[0], out)
+    before = {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()}
     encode = demo.encode_mp4
     calls = []
 
@@ -141,9 +144,26 @@ def test_interrupted_run_keeps_the_old_dataset(tiny_dataset, tmp_path, monkeypat
 
     monkeypatch.setattr(demo, "encode_mp4", failing_encode)
     with pytest.raises(EtesvsError, match="simulated failure"):
-        generate_demo_dataset(out, TINY, progress=False)
+        generate_demo_dataset(out, dataclasses.replace(TINY, seed=8), progress=False)
     assert [path.name for path in tmp_path.iterdir()] == ["demo"]
-    assert [path.name for path in out.iterdir()] == ["old.txt"]
+    assert {path.relative_to(out): path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
+
+
+def test_refuses_a_directory_it_did_not_write(tmp_path):
+    out = tmp_path / "mydata"
+    (out / "Videos").mkdir(parents=True)
+    (out / "Videos" / "holiday.mp4").write_bytes(b"precious")
+    with pytest.raises(EtesvsError) as error:
+        generate_demo_dataset(out, TINY, progress=False)
+    assert str(error.value) == (
+        f"{out}: make_demo_data will not write here: it is a dataset root (it holds Videos/ or groundTruth/)"
+    )
+    (out / "Videos" / "holiday.mp4").unlink()
+    (out / "Videos").rmdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(EtesvsError, match=r"it holds files that make_demo_data did not write \(notes.txt\)"):
+        generate_demo_dataset(out, TINY, progress=False)
+    assert [path.name for path in out.iterdir()] == ["notes.txt"]
 
 
 @pytest.mark.parametrize(

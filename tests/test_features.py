@@ -188,12 +188,13 @@ def test_bad_settings_are_errors_naming_the_param(kwargs):
 def test_store_has_one_complete_dataset_per_video_with_attributes(tmp_path, dataset, backbone):
     frames_dir, _ = dataset
     config = config_(dtype="float16")
-    stats = extract_features(
+    stats, output = extract_features(
         list(COUNTS), frames_dir=frames_dir, out_dir=tmp_path, backbone=backbone, config=config, dist=SINGLE,
         device=CPU, num_frames=COUNTS, progress=False,
     )
     assert [(s.computed, s.reused, s.frames) for s in stats] == [(3, 0, sum(COUNTS.values()))]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["features.h5"]  # no partial file left behind
+    assert output.retain(["features.h5"]) == ["features.h5.partial"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".etesvs-output.json", "features.h5"]
     with h5py.File(tmp_path / "features.h5", "r") as handle:
         assert list(handle) == sorted(COUNTS)
         for video, count in COUNTS.items():
@@ -237,7 +238,8 @@ def test_rerun_after_an_interruption_only_computes_the_unfinished_videos(tmp_pat
         handle["v3"].attrs["complete"] = False
         handle["v3"][...] = 0.0
     calls = _counting(monkeypatch)
-    stats = extract_features(list(COUNTS), out_dir=resumed_dir, **run)
+    stats, output = extract_features(list(COUNTS), out_dir=resumed_dir, **run)  # adopts the unmarked partial file
+    output.retain(["features.h5"])
     assert sorted(calls) == ["v2", "v3"]
     assert (stats[0].computed, stats[0].reused) == (2, 1)
     resumed = read_store(resumed_dir / "features.h5")
@@ -350,7 +352,8 @@ def test_torchrun_gives_the_same_features_as_one_process(tmp_path, dataset):
     distributed = _extract(_stage_workdir(tmp_path / "ddp"), frames_dir, labels_dir,
                            [TORCHRUN, "--nproc_per_node", "2", "--standalone"])
     assert distributed.returncode == 0, distributed.stderr
-    assert sorted(p.name for p in (tmp_path / "ddp" / "features").iterdir()) == ["features.h5", "info.json"]
+    assert sorted(p.name for p in (tmp_path / "ddp" / "features").iterdir()) == [".etesvs-output.json", "features.h5",
+                                                                             "info.json"]
     assert json.loads((tmp_path / "ddp" / "features" / "info.json").read_text()) == info
     expected = read_store(tmp_path / "single" / "features" / "features.h5")
     got = read_store(tmp_path / "ddp" / "features" / "features.h5")
@@ -363,7 +366,7 @@ def test_a_bad_weights_file_fails_with_one_line_and_writes_nothing(tmp_path, dat
     frames_dir, labels_dir = dataset
     weights = tmp_path / "rgb_imagenet.pt"
     weights.write_bytes(b"not a torch file")
-    with pytest.raises(EtesvsError, match=f"^{weights}: cannot read I3D weights"):
+    with pytest.raises(EtesvsError, match=f"^{weights}: truncated or not a PyTorch I3D weights file$"):
         extract_dataset_features({"weights": str(weights), **BASE}, seed=3, frames_dir=frames_dir,
                                  labels_dir=labels_dir, out_dir=tmp_path / "out", dist=SINGLE)
     assert not (tmp_path / "out" / "features.h5").exists()

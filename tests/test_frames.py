@@ -121,7 +121,7 @@ def test_extract_frames_resumes_and_skips(tmp_path):
     assert [r.status for r in results] == ["done"]
     stamp = frames_path(out, "good").stat().st_mtime_ns
     # A second run, as after an interruption: the finished video is not decoded again.
-    (out / ".other.h5.123.tmp").write_bytes(b"half-written")
+    (out / ".good.h5.abcd1234.tmp").write_bytes(b"half-written")  # left by a run killed while writing
     results = extract_frames([("good", good, 12), ("other", other, 11)], out, config, workers=2, progress=False)
     assert [r.status for r in results] == ["skipped", "done"]
     assert results[1].warnings == ["other: padded 1 frames (10 -> 11)"]

@@ -68,7 +68,7 @@ def test_convert_labels_writes_arrays_and_localization(tmp_path):
         ("unknown_class", "groundTruth/a.txt:2: class 'stir' is not in mapping.txt"),
         ("bad_mapping", "mapping.txt:2: expected '<id> <name>'"),
         ("empty_labels", "groundTruth/b.txt: empty label file"),
-        ("missing_video", "train.split1.bundle: names video 'zzz' but"),
+        ("missing_video", "train.split1.bundle:2: names video 'zzz' but"),
     ],
 )
 def test_convert_labels_bad_input_stage(tmp_path, fault, expected):

@@ -70,7 +70,7 @@ def _check_outputs(root: Path, labels: Path, name: str, epochs: int) -> dict:
     assert curves[0].startswith("epoch,train_loss,") and curves[0].endswith(",val_acc,val_edit,val_f1_50")
     assert [line.split(",")[0] for line in curves[1:]] == [str(e) for e in range(1, epochs + 1)]
     assert any((root / "logs" / name).iterdir())
-    assert {p.name for p in (root / "models" / name).iterdir()} == {"best.pt", "last.pt"}
+    assert {p.name for p in (root / "models" / name).iterdir()} == {"best.pt", "last.pt", ".etesvs-output.json"}
     return summary
 
 

@@ -34,7 +34,7 @@ import numpy as np
 from tqdm import tqdm
 
 from etesvs.errors import EtesvsError
-from etesvs.io import atomic_path
+from etesvs.io import claim_output_dir, ffmpeg_file_output
 
 BACKGROUND = "background"
 ACTIONS = (
@@ -817,7 +817,8 @@ def encode_mp4(frames: np.ndarray, path: Path, fps: float) -> None:
         "-an", "-c:v", "libx264", "-preset", "veryfast", "-crf", "20", "-pix_fmt", "yuv420p", "-threads", "1",
         # Identical bytes on every run, so DVC sees no change when nothing changed.
         "-map_metadata", "-1", "-fflags", "+bitexact", "-flags:v", "+bitexact",
-        str(path),
+        # Exactly this file, whatever its name (the temporary name ends in .tmp, hence -f).
+        "-f", "mp4", ffmpeg_file_output(path),
     ]  # fmt: skip
     result = subprocess.run(command, input=np.ascontiguousarray(frames).tobytes(), capture_output=True, check=False)
     if result.returncode != 0:
@@ -843,35 +844,45 @@ Subjects: {config.num_subjects}. Seed: {config.seed}. Full configuration: demo.j
 """
 
 
-def generate_demo_dataset(out_dir: Path, config: DemoConfig, *, progress: bool = True) -> list[str]:
-    """Generate the demo dataset into ``out_dir`` (replaced if present) and return its video ids.
+def demo_files(config: DemoConfig) -> list[str]:
+    """Every file of the demo dataset, relative to its root."""
+    names = [name for name, _, _ in video_names(config)]
+    files = [f"Videos/{name}.mp4" for name in names] + [f"groundTruth/{name}.txt" for name in names]
+    splits = range(1, config.num_subjects + 1)
+    files += [f"splits/{subset}.split{split}.bundle" for split in splits for subset in ("test", "train")]
+    return files + ["mapping.txt", "demo.json", "README.txt"]
 
-    The dataset is written into a temporary directory beside ``out_dir`` and renamed at the end, so an interrupted
-    run leaves no partial dataset. One video is encoded (by ffmpeg, in a thread) while the next one is rendered.
+
+def generate_demo_dataset(out_dir: Path, config: DemoConfig, *, progress: bool = True) -> list[str]:
+    """Generate the demo dataset into ``out_dir`` and return its video ids.
+
+    ``out_dir`` must be new, empty or a demo dataset generated before (see :func:`etesvs.io.claim_output_dir`);
+    a directory holding anything else, such as a real dataset, is refused. Every file is written beside its final
+    name and all are renamed at the end, so an interrupted run leaves the previous dataset as it was. One video is
+    encoded (by ffmpeg, in a thread) while the next one is rendered.
     """
     out_dir = Path(out_dir)
+    output = claim_output_dir(out_dir, owner="make_demo_data")
     subjects = [_make_subject(config, index) for index in range(config.num_subjects)]
     names = video_names(config)
     num_frames: dict[str, int] = {}
-    with atomic_path(out_dir, directory=True) as tmp, ThreadPoolExecutor(max_workers=1) as encoder:
-        for folder in ("Videos", "groundTruth", "splits"):
-            (tmp / folder).mkdir()
+    with output.replace(demo_files(config)) as tmp, ThreadPoolExecutor(max_workers=1) as encoder:
         pending = None
         for index in tqdm(range(config.num_videos), desc="demo videos", unit="video", disable=not progress):
             video = render_demo_video(config, index, subject=subjects[names[index][1]])
             if pending is not None:
                 pending.result()  # at most one video waits for the encoder; its errors surface here
-            pending = encoder.submit(encode_mp4, video.frames, tmp / "Videos" / f"{video.name}.mp4", config.fps)
-            (tmp / "groundTruth" / f"{video.name}.txt").write_text("\n".join(video.labels) + "\n")
+            pending = encoder.submit(encode_mp4, video.frames, tmp[f"Videos/{video.name}.mp4"], config.fps)
+            tmp[f"groundTruth/{video.name}.txt"].write_text("\n".join(video.labels) + "\n")
             num_frames[video.name] = len(video.frames)
         if pending is not None:
             pending.result()
-        (tmp / "mapping.txt").write_text("".join(f"{i} {name}\n" for i, name in enumerate(CLASSES)))
+        tmp["mapping.txt"].write_text("".join(f"{i} {name}\n" for i, name in enumerate(CLASSES)))
         for split in range(1, config.num_subjects + 1):
             test = [name for name, subject, _ in names if subject == split - 1]
             train = [name for name, subject, _ in names if subject != split - 1]
-            (tmp / "splits" / f"test.split{split}.bundle").write_text("".join(f"{name}.txt\n" for name in test))
-            (tmp / "splits" / f"train.split{split}.bundle").write_text("".join(f"{name}.txt\n" for name in train))
+            tmp[f"splits/test.split{split}.bundle"].write_text("".join(f"{name}.txt\n" for name in test))
+            tmp[f"splits/train.split{split}.bundle"].write_text("".join(f"{name}.txt\n" for name in train))
         description = {
             "config": dataclasses.asdict(config),
             "classes": list(CLASSES),
@@ -884,6 +895,6 @@ def generate_demo_dataset(out_dir: Path, config: DemoConfig, *, progress: bool =
                 for name, subject, recipe in names
             },
         }
-        (tmp / "demo.json").write_text(json.dumps(description, indent=2) + "\n")
-        (tmp / "README.txt").write_text(_readme(config, num_frames))
+        tmp["demo.json"].write_text(json.dumps(description, indent=2) + "\n")
+        tmp["README.txt"].write_text(_readme(config, num_frames))
     return [name for name, _, _ in names]

@@ -12,11 +12,15 @@ Breakfast has millions of frames. A container ``<frames_dir>/<video>.h5`` holds
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
+import signal
 import subprocess
+import sys
 import threading
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -25,8 +29,8 @@ import h5py
 import numpy as np
 import torch
 
-from etesvs.errors import EtesvsError
-from etesvs.io import atomic_path
+from etesvs.errors import EtesvsError, Interrupted, signal_name
+from etesvs.io import atomic_path, check_plain_name, claim_output_dir, ffmpeg_file_input, path_inside
 
 CONTAINER_SUFFIX = ".h5"
 
@@ -39,8 +43,21 @@ def ffmpeg_exe() -> str:
 
 
 def frames_path(frames_dir: str | Path, video: str) -> Path:
-    """Path of the container of ``video`` in ``frames_dir``."""
-    return Path(frames_dir) / f"{video}{CONTAINER_SUFFIX}"
+    """Path of the container of ``video`` in ``frames_dir``; ``video`` must be a plain name."""
+    check_plain_name(video, source=frames_dir)
+    return path_inside(frames_dir, f"{video}{CONTAINER_SUFFIX}")
+
+
+def is_frame_container(path: Path) -> bool:
+    """True if ``path`` is a container written by :func:`extract_video` (used to adopt directories written before
+    output markers existed; anything else in a frames directory makes extract_frames refuse it)."""
+    if path.suffix != CONTAINER_SUFFIX or not path.is_file() or path.is_symlink():
+        return False
+    try:
+        with h5py.File(path, "r") as handle:
+            return "jpeg" in handle and "offsets" in handle and "source" in handle.attrs
+    except (OSError, ValueError):
+        return False
 
 
 def scale_filter_args(short_side: int) -> tuple[str, str]:
@@ -126,8 +143,58 @@ class ExtractResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _ffmpeg_reason(stderr: str) -> str:
-    """ffmpeg's own words for a failure, on one line: its specific messages, without the generic ones."""
+# PR_SET_PDEATHSIG from <linux/prctl.h>: the kernel sends the signal to a process when its parent dies.
+_PR_SET_PDEATHSIG = 1
+_in_pool_worker = False
+
+
+def set_parent_death_signal(signal_number: int = signal.SIGKILL) -> bool:
+    """Ask Linux to send ``signal_number`` to this process when its parent dies; False elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return False
+    # prctl of the C library already loaded in this process (no library search: this also runs between fork and
+    # exec of ffmpeg, where nothing slow or allocating belongs).
+    return ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, int(signal_number), 0, 0, 0) == 0
+
+
+def _pool_worker_init(parent_pid: int) -> None:
+    """Initializer of extract_frames' pool workers: die with the parent, even when it is SIGKILLed.
+
+    Ctrl-C reaches the whole process group; the parent handles it by stopping the workers, so they ignore it.
+    SIGTERM, by which the parent stops them, ends them at once (the parent's handler, inherited through fork,
+    would print a traceback from each worker).
+    """
+    global _in_pool_worker
+    _in_pool_worker = True
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    set_parent_death_signal(signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the death signal was armed
+        os._exit(1)
+
+
+def _ffmpeg_dies_with_worker() -> None:
+    # Runs in the forked ffmpeg child before exec. Only used from pool workers, which have a single thread, where
+    # Popen's preexec_fn is safe; elsewhere ffmpeg stops with its reader through the broken pipe.
+    set_parent_death_signal(signal.SIGKILL)
+
+
+def ffmpeg_interruption(code: int, stderr: str, what: str) -> Interrupted | None:
+    """The :class:`Interrupted` error for an ffmpeg that a signal stopped, or None for an ordinary exit.
+
+    A process killed by a signal has a negative return code; ffmpeg catches SIGINT and SIGTERM itself and exits
+    with 255 without an error message. Neither says anything about the video.
+    """
+    if code < 0:
+        return Interrupted(f"{what}: ffmpeg was stopped by {signal_name(-code)}", -code)
+    if code == 255 and not _ffmpeg_reasons(stderr):
+        return Interrupted(f"{what}: ffmpeg was interrupted by a signal", signal.SIGTERM)
+    return None
+
+
+def _ffmpeg_reasons(stderr: str) -> list[str]:
+    if "not on whitelist" in stderr:  # ffmpeg would list the whole whitelist; say what it means instead
+        return ["not a video file (playlists, concat lists and image sequences, which open other files, are refused)"]
     reasons: list[str] = []
     for line in stderr.splitlines():
         line = re.sub(r"^\[[^\]]*@ 0x[0-9a-f]+\]\s*", "", line.strip())
@@ -136,41 +203,51 @@ def _ffmpeg_reason(stderr: str) -> str:
         line = re.sub(r"^Error opening input(?: files)?:\s*", "", line)
         if line not in reasons:
             reasons.append(line)
+    return reasons
+
+
+def ffmpeg_reason(stderr: str) -> str:
+    """ffmpeg's own words for a failure, on one line: its specific messages, without the generic ones."""
+    reasons = _ffmpeg_reasons(stderr)
     return "; ".join(reasons[:3]) if reasons else "ffmpeg failed without a message"
+
+
+def decode_command(video_file: Path, config: ExtractConfig) -> list[str]:
+    """The ffmpeg command that decodes exactly ``video_file`` to MJPEG images on stdout."""
+    width, height = (expression.replace(",", "\\,") for expression in scale_filter_args(config.short_side))
+    return [
+        ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error",
+        "-threads", str(config.ffmpeg_threads), *ffmpeg_file_input(video_file),
+        "-vf", f"fps=fps={config.fps},scale={width}:{height}",
+        "-f", "image2pipe", "-vcodec", "mjpeg", "-pix_fmt", "yuvj420p",
+        "-q:v", str(config.jpeg_quality), "-threads", str(config.ffmpeg_threads), "pipe:1",
+    ]  # fmt: skip
 
 
 def decode_video_to_jpeg(video_file: Path, config: ExtractConfig) -> list[bytes]:
     """Decode ``video_file`` at ``config.fps``, short side ``config.short_side``, into JPEG bytes per frame.
 
-    ffmpeg runs as a subprocess with an argument list (built by ffmpeg-python), never through a shell.
-    Raises :class:`EtesvsError` naming the file and ffmpeg's reason when the video can't be decoded.
+    ffmpeg runs as a subprocess with an argument list, never through a shell, and opens exactly ``video_file``
+    (:func:`etesvs.io.ffmpeg_file_input`). Raises :class:`EtesvsError` naming the file and ffmpeg's reason when
+    the video can't be decoded, and :class:`Interrupted` when a signal stopped ffmpeg.
     """
-    import ffmpeg
-
     if not video_file.is_file():
         raise EtesvsError(f"{video_file}: video file not found")
     if video_file.stat().st_size == 0:
         raise EtesvsError(f"{video_file}: empty video file")
-    width, height = scale_filter_args(config.short_side)
-    stream = (
-        ffmpeg.input(str(video_file), threads=config.ffmpeg_threads)
-        .filter("fps", fps=config.fps)
-        .filter("scale", width, height)
-        .output(
-            "pipe:",
-            format="image2pipe",
-            vcodec="mjpeg",
-            pix_fmt="yuvj420p",
-            **{"q:v": config.jpeg_quality, "threads": config.ffmpeg_threads},
-        )
-        .global_args("-nostdin", "-hide_banner", "-loglevel", "error")
+    process = subprocess.Popen(
+        decode_command(video_file, config),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=_ffmpeg_dies_with_worker if _in_pool_worker else None,
     )
-    process = stream.run_async(cmd=ffmpeg_exe(), pipe_stdout=True, pipe_stderr=True)
     errors: list[bytes] = []
     drain = threading.Thread(target=lambda: errors.append(process.stderr.read()), daemon=True)
     drain.start()
     images: list[bytes] = []
     pending = b""
+    completed = False
     try:
         while True:
             chunk = process.stdout.read(1 << 20)
@@ -180,20 +257,27 @@ def decode_video_to_jpeg(video_file: Path, config: ExtractConfig) -> list[bytes]
             complete, used = split_jpeg_stream(pending)
             images.extend(complete)
             pending = pending[used:]
+        completed = True
     except ValueError as error:
         process.kill()
+        process.wait()
         raise EtesvsError(f"{video_file}: unreadable frame stream from ffmpeg ({error})") from None
     finally:
         process.stdout.close()
+        if not completed:  # interrupted: don't leave ffmpeg running
+            process.kill()
         code = process.wait()
         drain.join()
     stderr = b"".join(errors).decode("utf-8", errors="replace")
+    interruption = ffmpeg_interruption(code, stderr, str(video_file))
+    if interruption is not None:
+        raise interruption
     if code != 0:
-        raise EtesvsError(f"{video_file}: ffmpeg could not decode it: {_ffmpeg_reason(stderr)}")
+        raise EtesvsError(f"{video_file}: ffmpeg could not decode it: {ffmpeg_reason(stderr)}")
     if pending:
         raise EtesvsError(f"{video_file}: ffmpeg output ended inside a frame")
     if not images:
-        reason = _ffmpeg_reason(stderr) if stderr.strip() else "no video frames"
+        reason = ffmpeg_reason(stderr) if stderr.strip() else "no video frames"
         raise EtesvsError(f"{video_file}: no frames decoded ({reason})")
     return images
 
@@ -395,55 +479,87 @@ def extract_frames(
     workers: int = 2,
     skip_bad_videos: bool = False,
     progress: bool = True,
+    inputs: Sequence[str | Path] | None = None,
 ) -> list[ExtractResult]:
     """Decode every ``(video, video_file, label_frames)`` job into ``frames_dir`` with a process pool.
 
-    Finished containers of an interrupted run are kept and not decoded again. A bad video stops the run
-    with one line naming the file and ffmpeg's reason, unless ``skip_bad_videos`` is set, in which case it
-    is reported in the results. Containers of videos that are no longer listed are removed.
+    ``frames_dir`` must be new, empty, or hold extract_frames' marker (see :func:`etesvs.io.claim_output_dir`);
+    ``inputs`` (default: the video files) are the directories it must stay apart from. Finished containers of an
+    interrupted run are kept and not decoded again; containers that this stage wrote for videos no longer listed
+    are removed, and nothing else is. A bad video stops the run (after the videos being decoded are finished)
+    with one line naming the file and ffmpeg's reason, unless ``skip_bad_videos`` is set, in which case it is
+    reported in the results. A signal (Ctrl-C,
+    SIGTERM, a killed ffmpeg or worker) stops the run as :class:`Interrupted`, never as a bad video. The workers
+    die with this process, even when it is killed.
     """
     from tqdm import tqdm
 
     frames_dir = Path(frames_dir)
-    frames_dir.mkdir(parents=True, exist_ok=True)
-    wanted = {frames_path(frames_dir, video).resolve() for video, _, _ in jobs}
-    for stale in frames_dir.rglob(f"*{CONTAINER_SUFFIX}"):
-        if stale.resolve() not in wanted:
-            stale.unlink()
-    for leftover in frames_dir.rglob(".*.tmp"):
-        leftover.unlink()
+    output = claim_output_dir(
+        frames_dir,
+        owner="extract_frames",
+        inputs=[video_file for _, video_file, _ in jobs] if inputs is None else inputs,
+        adopt=is_frame_container,
+    )
+    names = [frames_path(".", video).name for video, _, _ in jobs]
+    output.retain(names)
+    out_files = output.expect(names)
     results: list[ExtractResult] = []
     bar = tqdm(total=len(jobs), desc="extract_frames", unit="video", disable=not progress)
-    with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
+    pool = ProcessPoolExecutor(max_workers=max(1, workers), initializer=_pool_worker_init, initargs=(os.getpid(),))
+    try:
         futures = [
-            pool.submit(extract_video, video, video_file, frames_path(frames_dir, video), label_frames, config)
-            for video, video_file, label_frames in jobs
+            pool.submit(extract_video, video, video_file, out_file, label_frames, config)
+            for (video, video_file, label_frames), out_file in zip(jobs, out_files)
         ]
-        try:
-            for future in as_completed(futures):
+        for future in as_completed(futures):
+            try:
                 result = future.result()
-                results.append(result)
-                bar.update(1)
-                if result.status == "failed" and not skip_bad_videos:
-                    raise EtesvsError(result.message)
-        except BaseException:
-            for future in futures:
-                future.cancel()
-            raise
-        finally:
-            bar.close()
+            except BrokenProcessPool:
+                message = "extract_frames: a worker process was killed (out of memory?)"
+                raise Interrupted(message, signal.SIGKILL) from None
+            results.append(result)
+            bar.update(1)
+            if result.status == "failed" and not skip_bad_videos:
+                # Start no more videos but finish those being decoded: a rerun then redoes none of them.
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise EtesvsError(result.message)
+    except BaseException:
+        _stop_pool(pool)
+        raise
+    else:
+        pool.shutdown(wait=True)
+    finally:
+        bar.close()
     order = {video: i for i, (video, _, _) in enumerate(jobs)}
     return sorted(results, key=lambda r: order[r.video])
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Stop at once: cancel what has not started and terminate the workers (their ffmpeg dies with them)."""
+    # There is no public way to terminate the workers before Python 3.14's terminate_workers().
+    terminate = getattr(pool, "terminate_workers", None)
+    if terminate is not None:
+        terminate()
+        return
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        if process.is_alive():
+            process.terminate()
+    for process in processes:
+        process.join(timeout=5)
 
 
 def video_jobs(layout, label_counts: dict[str, int]) -> list[tuple[str, Path, int]]:
     """``(video, video_file, label_frames)`` for every labelled video; a missing video file is an error."""
     jobs = []
     for video, count in label_counts.items():
+        stem = layout.video_stem(video)  # a name that is not plain, or leads outside Videos/, stops here
         try:
             jobs.append((video, layout.video_file(video), count))
-        except EtesvsError:
-            jobs.append((video, layout.videos_dir / layout.video_stem(video), count))
+        except EtesvsError:  # not found: decoding reports it (or skips it with skip_bad_videos)
+            jobs.append((video, path_inside(layout.videos_dir, stem), count))
     return jobs
 
 

@@ -12,6 +12,8 @@ The convert_labels stage writes a directory ``data/labels/``:
 from __future__ import annotations
 
 import glob
+import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -19,9 +21,11 @@ from typing import Iterable, Sequence
 import h5py
 import numpy as np
 
-from etesvs.data.layout import DatasetLayout, read_ground_truth, read_mapping, read_split
+from etesvs.data.layout import DatasetLayout, read_ground_truth, read_mapping, read_split_entries
 from etesvs.errors import EtesvsError
-from etesvs.io import atomic_path, read_json, write_json
+from etesvs.io import check_plain_name, claim_output_dir, read_json, read_text
+
+LABEL_FILES = ("labels.h5", "info.json", "localization_train.json", "localization_test.json")
 
 
 @dataclass(frozen=True)
@@ -113,7 +117,14 @@ def convert_labels(
     fps: float,
     background: Sequence[str],
 ) -> LabelInfo:
-    """Convert the groundTruth of every video named by any split into ``out_dir`` (written atomically)."""
+    """Convert the groundTruth of every video named by any split into ``out_dir``.
+
+    ``out_dir`` must be new, empty or an earlier output of this function (see
+    :func:`etesvs.io.claim_output_dir`); every input is checked before anything is written, and the files are
+    replaced together at the end, so an interrupted run leaves the previous output.
+    """
+    out_dir = Path(out_dir)
+    output = claim_output_dir(out_dir, owner="convert_labels", inputs=[layout.root])
     classes = read_mapping(layout.mapping_file)
     for name in background:
         if name not in classes:
@@ -122,26 +133,28 @@ def convert_labels(
     for path in (train_file, test_file):
         if not path.is_file():
             raise EtesvsError(f"{path}: split file not found")
-    train, test = read_split(train_file), read_split(test_file)
+    train_entries, test_entries = read_split_entries(train_file), read_split_entries(test_file)
+    train, test = [video for video, _ in train_entries], [video for video, _ in test_entries]
     overlap = sorted(set(train) & set(test))
     if overlap:
         raise EtesvsError(f"{test_file}: videos also in the train split: {', '.join(overlap[:5])}")
-    videos = list(dict.fromkeys(train + test))
+    # Where each video was first named, so that a missing one is blamed on the bundle (and line) that named it.
+    named_in: dict[str, str] = {}
+    for bundle, entries in ((train_file, train_entries), (test_file, test_entries)):
+        for video, line in entries:
+            named_in.setdefault(video, f"{bundle}:{line}")
     for bundle in sorted(glob.glob(str(layout.root / "splits" / "*.bundle"))):
-        for video in read_split(bundle):
-            if video not in videos:
-                videos.append(video)
+        for video, line in read_split_entries(bundle):
+            named_in.setdefault(video, f"{bundle}:{line}")
     labels: dict[str, np.ndarray] = {}
-    for video in videos:
+    for video, source in named_in.items():
         path = layout.ground_truth_file(video)
         if not path.is_file():
-            bundle = test_file if video in test else train_file
-            raise EtesvsError(f"{bundle}: names video '{video}' but {path} does not exist")
+            raise EtesvsError(f"{source}: names video '{video}' but {path} does not exist")
         labels[video] = names_to_ids(read_ground_truth(path), classes, source=path)
     background_ids = [classes.index(name) for name in background]
-    out_dir = Path(out_dir)
-    with atomic_path(out_dir, directory=True) as tmp:
-        with h5py.File(tmp / "labels.h5", "w") as handle:
+    with output.replace(LABEL_FILES) as staged:
+        with h5py.File(staged["labels.h5"], "w") as handle:
             for video, ids in labels.items():
                 group = handle.create_group(video)
                 group.create_dataset("classes", data=ids)
@@ -157,7 +170,7 @@ def convert_labels(
             "test": test,
             "num_frames": {video: int(len(ids)) for video, ids in labels.items()},
         }
-        write_json(tmp / "info.json", info)
+        _dump_json(staged["info.json"], info)
         for subset, members in (("train", train), ("test", test)):
             database = localization_database(
                 {video: labels[video] for video in members},
@@ -166,13 +179,21 @@ def convert_labels(
                 background_ids=background_ids,
                 fps=fps,
             )
-            write_json(tmp / f"localization_{subset}.json", database)
+            _dump_json(staged[f"localization_{subset}.json"], database)
     return load_label_info(out_dir)
 
 
+def _dump_json(path: Path, obj: object) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
 def load_label_info(labels_dir: str | Path) -> LabelInfo:
-    """Read ``info.json`` of a labels directory."""
-    info = read_json(Path(labels_dir) / "info.json")
+    """Read ``info.json`` of a labels directory; every video id in it must be a plain name."""
+    path = Path(labels_dir) / "info.json"
+    info = read_json(path)
+    for key in ("train", "test", "num_frames"):
+        for video in info.get(key, ()):
+            check_plain_name(str(video), source=f"{path}: '{key}'")
     return LabelInfo(
         dataset=info["dataset"],
         fps=float(info["fps"]),
@@ -223,6 +244,9 @@ def activitynet_to_ground_truth(
     Each video needs ``duration`` (seconds) or ``frames``.
     """
     annotation_file = Path(annotation_file)
+    out_root = Path(out_root)
+    output = claim_output_dir(out_root, owner="activitynet_to_ground_truth", inputs=[annotation_file], exclusive=False)
+    text = read_text(annotation_file)
     database = read_json(annotation_file)
     if not isinstance(database, dict) or not isinstance(database.get("database"), dict):
         raise EtesvsError(f"{annotation_file}: expected an object with a 'database' object")
@@ -230,10 +254,19 @@ def activitynet_to_ground_truth(
     subsets = subsets or {"training": "train", "validation": "train", "train": "train", "test": "test"}
     names: set[str] = set()
     for video, entry in database.items():
+        where = f"{annotation_file}:{_json_key_line(text, video)}"
+        check_plain_name(video, source=where)
+        if not isinstance(entry, dict) or not isinstance(entry.get("annotations", []), list):
+            raise EtesvsError(f"{where}: video '{video}' is not an object with a list of 'annotations'")
         for annotation in entry.get("annotations", []):
-            names.add(str(annotation.get("label")))
+            label = str(annotation.get("label")) if isinstance(annotation, dict) else None
+            if label is None or not label or any(c.isspace() or not c.isprintable() for c in label):
+                raise EtesvsError(
+                    f"{where}: video '{video}' has label {label!r}; a label is one word (mapping.txt and groundTruth "
+                    "files hold one name per line, without spaces)"
+                )
+            names.add(label)
     classes = [background] + sorted(names - {background})
-    out_root = Path(out_root)
     split_members: dict[str, list[str]] = {"train": [], "test": []}
     ground_truth: dict[str, list[str]] = {}
     for video, entry in database.items():
@@ -246,7 +279,10 @@ def activitynet_to_ground_truth(
         if num_frames <= 0:
             raise EtesvsError(f"{annotation_file}: video '{video}' has no frames")
         frame_labels = [background] * num_frames
-        ordered = sorted(entry.get("annotations", []), key=lambda a: float(a["segment"][0]))
+        try:
+            ordered = sorted(entry.get("annotations", []), key=lambda a: float(a["segment"][0]))
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise EtesvsError(f"{annotation_file}: video '{video}' has a segment without a numeric start") from None
         for annotation in ordered:
             try:
                 start_s, end_s = (float(x) for x in annotation["segment"])
@@ -262,16 +298,24 @@ def activitynet_to_ground_truth(
             raise EtesvsError(f"{annotation_file}: video '{video}' has unknown subset {entry.get('subset')!r}")
         split_members[subset].append(video)
         ground_truth[video] = frame_labels
-    for video, frame_labels in ground_truth.items():
-        path = out_root / "groundTruth" / f"{video}.txt"
-        with atomic_path(path) as tmp:
-            tmp.write_text("\n".join(frame_labels) + "\n", encoding="utf-8")
-    with atomic_path(out_root / "mapping.txt") as tmp:
-        tmp.write_text("".join(f"{i} {name}\n" for i, name in enumerate(classes)), encoding="utf-8")
-    for subset, members in split_members.items():
-        with atomic_path(out_root / "splits" / f"{subset}.split1.bundle") as tmp:
-            tmp.write_text("".join(f"{video}.txt\n" for video in members), encoding="utf-8")
+    files = [f"groundTruth/{video}.txt" for video in ground_truth]
+    files += ["mapping.txt"] + [f"splits/{subset}.split1.bundle" for subset in split_members]
+    with output.replace(files) as staged:
+        for video, frame_labels in ground_truth.items():
+            staged[f"groundTruth/{video}.txt"].write_text("\n".join(frame_labels) + "\n", encoding="utf-8")
+        staged["mapping.txt"].write_text("".join(f"{i} {name}\n" for i, name in enumerate(classes)), encoding="utf-8")
+        for subset, members in split_members.items():
+            bundle = "".join(f"{video}.txt\n" for video in members)
+            staged[f"splits/{subset}.split1.bundle"].write_text(bundle, encoding="utf-8")
     return list(ground_truth)
+
+
+def _json_key_line(text: str, key: str) -> int | str:
+    """Line of the first occurrence of ``"key":`` in JSON ``text`` (for messages), or '?' if written otherwise."""
+    found = re.search(re.escape(json.dumps(key)) + r"\s*:", text)
+    if found is None:
+        found = re.search(re.escape(json.dumps(key, ensure_ascii=False)) + r"\s*:", text)
+    return text.count("\n", 0, found.start()) + 1 if found else "?"
 
 
 def activitynet_to_ground_truth_main(argv: list[str] | None = None) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from etesvs.errors import EtesvsError
+from etesvs.io import check_plain_name, path_inside, read_text_lines
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg")
 
@@ -55,19 +56,29 @@ class DatasetLayout:
         return self.root / "splits" / f"{subset}.split{split}.bundle"
 
     def ground_truth_file(self, video: str) -> Path:
+        """``groundTruth/<video>.txt``; ``video`` must be a plain name (see :func:`etesvs.io.check_plain_name`)."""
+        check_plain_name(video, source=self.ground_truth_dir)
         return self.ground_truth_dir / f"{video}.txt"
 
     def video_stem(self, video: str) -> str:
-        """The video's path relative to ``videos_dir``, without extension, after the first matching rule."""
+        """The video's path relative to ``videos_dir``, without extension, after the first matching rule.
+
+        ``video`` must be a plain name; a rule may nest it (Breakfast's ``P03/cam01/P03_cereals``), but the result
+        must stay inside ``videos_dir``.
+        """
+        check_plain_name(video, source=self.videos_dir)
+        stem = video
         for rule in self.video_path_rules:
             match = re.fullmatch(rule.pattern, video)
             if match:
-                return match.expand(rule.replacement)
-        return video
+                stem = match.expand(rule.replacement)
+                break
+        path_inside(self.videos_dir, stem, source=f"video path rule for '{video}'")
+        return stem
 
     def video_file(self, video: str) -> Path:
         """Find the video file of ``video``; a missing file is a one-line error naming what was tried."""
-        stem = self.videos_dir / self.video_stem(video)
+        stem = path_inside(self.videos_dir, self.video_stem(video))
         for extension in VIDEO_EXTENSIONS:
             for candidate in (stem.with_name(stem.name + extension), stem.with_name(stem.name + extension.upper())):
                 if candidate.is_file():
@@ -94,13 +105,8 @@ def parse_video_path_rules(text: str) -> tuple[VideoPathRule, ...]:
 
 
 def _read_lines(path: Path) -> list[str]:
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EtesvsError(f"{path}: file not found") from None
-    except UnicodeDecodeError:
-        raise EtesvsError(f"{path}: not a UTF-8 text file") from None
-    return text.splitlines()
+    # A byte-order mark and CRLF line ends, as Windows editors write them, are accepted.
+    return read_text_lines(path)
 
 
 def read_mapping(path: str | Path) -> list[str]:
@@ -126,16 +132,28 @@ def read_mapping(path: str | Path) -> list[str]:
     return [entries[index] for index in range(len(entries))]
 
 
-def read_split(path: str | Path) -> list[str]:
-    """Read a split bundle into video ids (a trailing ``.txt`` as in the MS-TCN bundles is removed)."""
-    videos = []
-    for line in _read_lines(Path(path)):
+def read_split_entries(path: str | Path) -> list[tuple[str, int]]:
+    """Read a split bundle into ``(video id, line number)`` pairs (a trailing ``.txt`` is removed).
+
+    Every id must be a plain name (no path separator, no ``..``, not absolute): a line such as
+    ``../features/features.txt`` is refused with an error naming the file and line.
+    """
+    entries = []
+    for number, line in enumerate(_read_lines(Path(path)), start=1):
         name = line.strip()
         if name:
-            videos.append(name[: -len(".txt")] if name.endswith(".txt") else name)
-    if not videos:
+            check_plain_name(name, source=f"{path}:{number}")
+            entries.append((name[: -len(".txt")] if name.endswith(".txt") else name, number))
+    if not entries:
         raise EtesvsError(f"{path}: empty split")
-    return videos
+    for name, number in entries:
+        check_plain_name(name, source=f"{path}:{number}")  # "..txt" is a plain name, ".." is not
+    return entries
+
+
+def read_split(path: str | Path) -> list[str]:
+    """Read a split bundle into video ids (a trailing ``.txt`` as in the MS-TCN bundles is removed)."""
+    return [name for name, _ in read_split_entries(path)]
 
 
 def read_ground_truth(path: str | Path) -> list[str]:

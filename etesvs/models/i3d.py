@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from etesvs.errors import EtesvsError
+from etesvs.io import load_weights_file
 
 FEATURE_DIM = 1024
 """Channels of ``Mixed_5c``: the length of one I3D RGB feature vector."""
@@ -281,19 +282,13 @@ def _unwrap_state_dict(state: object) -> object:
 def load_i3d_weights(model: InceptionI3d, path: str | os.PathLike) -> str:
     """Load a pytorch-i3d style checkpoint into ``model`` strictly; returns the file's SHA-256.
 
-    The file is read with ``torch.load(path, weights_only=True, map_location="cpu")``. A ``module.`` prefix
+    The file is read with :func:`etesvs.io.load_weights_file` (plain weights only, never code). A ``module.`` prefix
     (DataParallel) is stripped, ``logits.*`` keys are dropped when the model has no classifier, and batch-norm
     ``num_batches_tracked`` counters missing from old checkpoints are filled in. Anything else that does not
     match is an :class:`EtesvsError` naming the file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise EtesvsError(f"{path}: I3D weights file not found")
-    try:
-        state = torch.load(path, weights_only=True, map_location="cpu")
-    except Exception as error:  # torch raises several types for truncated, foreign or unsafe files
-        reason = " ".join(str(error).split())[:200]
-        raise EtesvsError(f"{path}: cannot read I3D weights ({type(error).__name__}: {reason})") from None
+    state = load_weights_file(path, what="I3D weights file")
     state = _unwrap_state_dict(state)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise EtesvsError(f"{path}: not an I3D state dict (expected a mapping of parameter names to tensors)")

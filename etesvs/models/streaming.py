@@ -28,6 +28,7 @@ from torch import nn
 from torchvision.models.mobilenetv2 import InvertedResidual
 
 from etesvs.errors import EtesvsError
+from etesvs.io import load_weights_file
 from etesvs.models.tcn import SingleStageTCN
 
 HEADS = ("tcn", "causal_tcn")
@@ -287,7 +288,7 @@ def load_pretrained_backbone(model: StreamingSegmenter, source: str) -> str:
     ``source`` is ``""`` (keep the random initialisation), ``"torchvision"`` (torchvision's
     ``MobileNet_V2_Weights.IMAGENET1K_V1``, downloaded once into torch's cache) or the path of a torchvision
     MobileNetV2 state dict (keys ``features.*``; other keys such as ``classifier.*`` are ignored), read with
-    ``weights_only=True``. Raises :class:`EtesvsError` when the weights can't be had or don't fit.
+    :func:`etesvs.io.load_weights_file` (plain weights only). Raises :class:`EtesvsError` when the weights can't be had or don't fit.
     """
     if not source:
         return "random initialisation"
@@ -303,12 +304,7 @@ def load_pretrained_backbone(model: StreamingSegmenter, source: str) -> str:
         origin = f"torchvision {weights}"
     else:
         path = Path(source)
-        if not path.is_file():
-            raise EtesvsError(f"{path}: pretrained MobileNetV2 weights not found")
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:
-            raise EtesvsError(f"{path}: cannot read pretrained weights ({type(error).__name__}: {error})") from None
+        state = load_weights_file(path, what="MobileNetV2 weights file")
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
         origin = str(path)
