@@ -40,6 +40,7 @@ from etesvs.profiling import count_flops, count_parameters
 from etesvs.training import (
     RunPaths,
     autocast,
+    build_scheduler,
     file_identity,
     fit,
     hold_out,
@@ -281,6 +282,7 @@ def train_streaming(
     generator = seed_everything(seed)
     model, model_args, origin = _build_model(section, info.num_classes, dist)
     optimizer = torch.optim.AdamW(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
+    scheduler = build_scheduler(optimizer, train, where="params.yaml: streaming.train")
     amp_dtype = resolve_amp(train["amp"], dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype == torch.float16)
     windows = dict(window=window, sample_rate=sample_rate, image_size=data["image_size"])
@@ -301,6 +303,7 @@ def train_streaming(
         val_labels={video: load_labels(labels_dir, video) for video in val_videos},
         background_ids=info.background_ids, epochs=train["epochs"], seed=seed, paths=paths,
         fingerprint=run_fingerprint(config), model_args=model_args, metadata=metadata, dist=dist, scaler=scaler,
+        scheduler=scheduler,
         inputs=[frames_dir, labels_dir],
     )
     if not dist.is_main:

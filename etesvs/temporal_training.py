@@ -32,6 +32,7 @@ from etesvs.training import (
     fit,
     hold_out,
     predict_test,
+    build_scheduler,
     resolve_amp,
     run_fingerprint,
     seed_everything,
@@ -152,18 +153,20 @@ def _describe(model: nn.Module, *, features_dir: Path, in_channels: int, sample_
 
 
 def _build(name: str, section: dict[str, Any], *, train_set: FeatureDataset, num_classes: int, dist: DistInfo):
-    """The model (wrapped for DDP under torchrun), its constructor arguments, its loss and its optimiser."""
+    """The model (wrapped for DDP under torchrun), its constructor arguments, its loss, optimiser and schedule."""
     model_class, loss_class = temporal_model(name)
     fixed = {"in_channels": train_set.feature_dim, "num_classes": num_classes}
     model = call_with(model_class, section["model"], where=f"params.yaml: {name}.model", **fixed).to(dist.device)
     loss_fn = call_with(loss_class.from_label_counts, section["loss"], where=f"params.yaml: {name}.loss",
-                        counts=train_set.label_counts(num_classes)).to(dist.device)
+                        counts=train_set.label_counts(num_classes),
+                        full_rate_counts=train_set.label_counts(num_classes, full_rate=True)).to(dist.device)
     if dist.is_distributed:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
     train = section["train"]
     optimizer = torch.optim.Adam(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
-    return model, {**fixed, **section["model"]}, loss_fn, optimizer
+    scheduler = build_scheduler(optimizer, train, where=f"params.yaml: {name}.train")
+    return model, {**fixed, **section["model"]}, loss_fn, optimizer, scheduler
 
 
 def _family_functions(*, model: nn.Module, loss_fn: nn.Module, optimizer: torch.optim.Optimizer,
@@ -203,8 +206,9 @@ def train_temporal(
     """Train model ``name`` on the features of the training split, keep the best epoch, predict the test split.
 
     ``params`` holds ``seed``, ``dataset.sample_rate`` and the model's section: ``model`` (constructor keyword
-    arguments), ``loss`` (loss keyword arguments) and ``train`` (epochs, lr, weight_decay, batch_size,
-    val_fraction, num_workers, num_threads, amp). Returns ``model.json``'s content on the main process.
+    arguments), ``loss`` (loss keyword arguments) and ``train`` (epochs, lr, weight_decay, scheduler and its
+    plateau_factor/plateau_patience, batch_size, val_fraction, num_workers, num_threads, amp). Returns
+    ``model.json``'s content on the main process.
     """
     features_file, labels_dir = Path(features_file), Path(labels_dir)
     section, seed, sample_rate = params[name], params["seed"], params["dataset"]["sample_rate"]
@@ -217,8 +221,8 @@ def train_temporal(
         raise EtesvsError(f"{labels_dir / 'info.json'}: the train split is empty")
     generator = seed_everything(seed)
     train_set = FeatureDataset(features_file, labels_dir, train_videos, sample_rate=sample_rate)
-    model, model_args, loss_fn, optimizer = _build(name, section, train_set=train_set, num_classes=info.num_classes,
-                                                   dist=dist)
+    model, model_args, loss_fn, optimizer, scheduler = _build(name, section, train_set=train_set,
+                                                              num_classes=info.num_classes, dist=dist)
     amp_dtype = resolve_amp(train["amp"], dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype == torch.float16)
     one_epoch, predict_videos = _family_functions(
@@ -229,7 +233,8 @@ def train_temporal(
               "sample_rate": sample_rate, "videos": [train_videos, val_videos], "world_size": dist.world_size,
               "inputs": file_identity([features_file, labels_dir / "labels.h5"])}
     result = fit(
-        name=name, model=model, optimizer=optimizer, train_one_epoch=one_epoch, predict=predict_videos,
+        name=name, model=model, optimizer=optimizer, scheduler=scheduler, train_one_epoch=one_epoch,
+        predict=predict_videos,
         val_labels={video: load_labels(labels_dir, video) for video in val_videos},
         background_ids=info.background_ids, epochs=train["epochs"], seed=seed, paths=paths,
         fingerprint=run_fingerprint(config), model_args=model_args, dist=dist, scaler=scaler,

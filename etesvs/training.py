@@ -93,6 +93,26 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def build_scheduler(optimizer: torch.optim.Optimizer, train: dict[str, Any], *, where: str
+                    ) -> torch.optim.lr_scheduler.ReduceLROnPlateau | None:
+    """The learning-rate schedule of a ``train`` section, stepped once per epoch by the driver.
+
+    ``scheduler: none`` keeps the rate constant (MS-TCN, ASRF); ``scheduler: plateau`` multiplies it by
+    ``plateau_factor`` once the training loss has not improved for more than ``plateau_patience`` epochs
+    (ASFormer's ReduceLROnPlateau(mode="min", factor=0.5, patience=3) on the training loss).
+    """
+    name = train.get("scheduler")
+    if name == "none":
+        return None
+    if name != "plateau":
+        raise EtesvsError(f"{where}.scheduler: expected none or plateau, got {name!r}")
+    missing = [key for key in ("plateau_factor", "plateau_patience") if key not in train]
+    if missing:
+        raise EtesvsError(f"{where}: scheduler plateau needs {' and '.join(missing)}")
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(
+        optimizer, mode="min", factor=train["plateau_factor"], patience=train["plateau_patience"])
+
+
 def hold_out(videos: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Seeded split of the training videos into (train, validation), both in their original order.
 

@@ -45,6 +45,13 @@ def test_feature_dataset_samples_and_collate(feature_data):
     assert batch["video"] == ["video00", "video01"]
     counts = dataset.label_counts(NUM_CLASSES)
     assert counts.class_counts.sum() == counts.num_frames == batch["mask"].sum().item()
+    # The published ASRF code counts the full-rate label arrays instead.
+    full_rate = dataset.full_rate_labels("video00"), dataset.full_rate_labels("video01")
+    full_counts = dataset.label_counts(NUM_CLASSES, full_rate=True)
+    assert full_counts.num_frames == sum(len(labels) for labels in full_rate)
+    per_class = sum(np.bincount(labels, minlength=NUM_CLASSES) for labels in full_rate)
+    np.testing.assert_array_equal(full_counts.class_counts, per_class)
+    assert full_counts.num_boundaries == sum(1 + int((x[1:] != x[:-1]).sum()) for x in full_rate)
 
 
 def test_feature_dataset_rejects_length_mismatch(tmp_path):

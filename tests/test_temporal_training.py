@@ -23,15 +23,14 @@ from etesvs.distributed import setup_distributed
 from etesvs.errors import EtesvsError
 from etesvs.models.registry import TEMPORAL_MODELS
 from etesvs.params import call_with
-from etesvs.temporal_training import predict, train_temporal, upsample
+from etesvs.temporal_training import _build, build_scheduler, predict, train_temporal, upsample
 from etesvs.training import RunPaths
 from tests.conftest import ROOT
 from tests.synthetic import DIM, NUM_CLASSES, make_feature_data
 
 SMALL = {
     "mstcn": dict(num_stages=2, num_layers=3, num_feature_maps=8),
-    "asrf": dict(num_layers=3, num_feature_maps=8, num_stages_segmentation=2, num_stages_boundary=2,
-                 boundary_min_distance=3),
+    "asrf": dict(num_layers=3, num_feature_maps=8, num_stages_segmentation=2, num_stages_boundary=2),
     "asformer": dict(num_layers=3, num_feature_maps=8, num_decoders=1),
     "frame_classifier": dict(num_feature_maps=8),
 }
@@ -107,6 +106,35 @@ def test_predict_gives_full_rate_probabilities(feature_data, default_params, nam
         assert probs.shape == (len(dataset.full_rate_labels(video)), NUM_CLASSES) and probs.dtype == np.float32
         np.testing.assert_allclose(probs.sum(axis=1), 1.0, rtol=1e-5)
         np.testing.assert_array_equal(probs[0], probs[2])  # frames 0..2 share one model step
+
+
+def test_optimiser_and_schedule_follow_the_train_section(feature_data, default_params):
+    """ASFormer as published: Adam, weight decay 1e-5, learning rate halved after 3 epochs without improvement of
+    the training loss; MS-TCN and ASRF: Adam without weight decay or schedule."""
+    features, labels = feature_data
+    train_set = FeatureDataset(features, labels, ["video00", "video01"])
+    for name, weight_decay, plateau in (("asformer", 1e-5, True), ("asrf", 0.0, False), ("mstcn", 0.0, False)):
+        section = small_params(default_params, name)[name]
+        section["train"]["lr"] = 0.0005
+        _, _, _, optimizer, scheduler = _build(name, section, train_set=train_set, num_classes=NUM_CLASSES,
+                                               dist=setup_distributed())
+        assert isinstance(optimizer, torch.optim.Adam)
+        assert optimizer.param_groups[0]["weight_decay"] == weight_decay
+        assert isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau) == plateau
+        if plateau:
+            for loss in (2.0, 2.0, 2.0, 2.0):  # the best, then 3 epochs without improvement: patience used up
+                scheduler.step(loss)
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(0.0005)
+            scheduler.step(2.0)
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(0.00025)
+
+
+def test_schedule_errors_name_the_key():
+    optimizer = torch.optim.Adam(torch.nn.Linear(1, 1).parameters())
+    with pytest.raises(EtesvsError, match=r"params.yaml: mstcn.train.scheduler: expected none or plateau"):
+        build_scheduler(optimizer, {"scheduler": "cosine"}, where="params.yaml: mstcn.train")
+    with pytest.raises(EtesvsError, match=r"mstcn.train: scheduler plateau needs plateau_patience"):
+        build_scheduler(optimizer, {"scheduler": "plateau", "plateau_factor": 0.5}, where="params.yaml: mstcn.train")
 
 
 def test_upsample_repeats_and_trims():

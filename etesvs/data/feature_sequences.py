@@ -142,19 +142,21 @@ class FeatureDataset(Dataset):
         """Labels of ``video`` at the full frame rate, int64 (T,)."""
         return self._labels[video]
 
-    def label_counts(self, num_classes: int) -> LabelCounts:
-        """Class frequencies and boundary count over all videos at the dataset's sample rate."""
+    def label_counts(self, num_classes: int, *, full_rate: bool = False) -> LabelCounts:
+        """Class frequencies and boundary count over all videos at the dataset's sample rate (the frames a model
+        trains on), or with ``full_rate`` over the full-rate label arrays (what the published ASRF code counts)."""
+        rate = 1 if full_rate else self.sample_rate
         counts = np.zeros(num_classes, dtype=np.int64)
         num_boundaries = 0
         num_frames = 0
         for video in self.videos:
-            labels = self._labels[video][:: self.sample_rate]
+            labels = self._labels[video][::rate]
             if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
                 raise EtesvsError(
                     f"{self.labels_dir / 'labels.h5'}: '{video}' has class ids outside 0..{num_classes - 1}"
                 )
             counts += np.bincount(labels, minlength=num_classes)
-            num_boundaries += int(subsample_boundaries(self._boundaries[video], self.sample_rate).sum())
+            num_boundaries += int(subsample_boundaries(self._boundaries[video], rate).sum())
             num_frames += len(labels)
         return LabelCounts(class_counts=counts, num_boundaries=num_boundaries, num_frames=num_frames)
 

@@ -25,7 +25,7 @@ TEMPORAL_LOSSES: dict[str, type[nn.Module]] = {
     "asformer": SegmentationLoss,
     "frame_classifier": SegmentationLoss,
 }
-"""Each model's loss, built with ``from_label_counts(counts, **params[model]["loss"])``."""
+"""Each model's loss, built with ``from_label_counts(counts, full_rate_counts, **params[model]["loss"])``."""
 
 
 def temporal_model(name: str) -> tuple[type[nn.Module], type[nn.Module]]:
