@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from etesvs.data.frames import ExtractConfig, FrameReader, decode_command, extract_frames, ffmpeg_exe, frames_path
-from etesvs.io import ffmpeg_file_output
+from etesvs.io import ffmpeg_file_output, read_yaml
 from etesvs.data.layout import VIDEO_EXTENSIONS
 
 
@@ -82,8 +82,12 @@ def main() -> None:
     parser.add_argument("--short-side", type=int, default=96)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--params", type=Path, default=Path(__file__).resolve().parents[1] / "params.yaml",
+                        help="JPEG quality and tolerance of the stage")
     args = parser.parse_args()
-    config = ExtractConfig(fps=args.fps, short_side=args.short_side)
+    frames = read_yaml(args.params)["frames"]
+    config = ExtractConfig(fps=args.fps, short_side=args.short_side, jpeg_quality=frames["jpeg_quality"],
+                           tolerance=frames["tolerance"])
     root = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

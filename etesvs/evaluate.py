@@ -108,6 +108,32 @@ def check_probabilities(probabilities: np.ndarray, *, num_frames: int, num_class
         raise EtesvsError(f"{source}: negative probability at frame {frame}")
 
 
+def _video_probabilities(probabilities: Mapping[str, np.ndarray], video: str, truth: np.ndarray, *,
+                         num_classes: int, source: str) -> np.ndarray:
+    """The checked (T, C) probabilities of ``video`` (see :func:`check_probabilities`)."""
+    if video not in probabilities:
+        raise EtesvsError(f"{source}: no probabilities for video '{video}'")
+    scores = np.asarray(probabilities[video])
+    check_probabilities(scores, num_frames=len(truth), num_classes=num_classes, source=f"{source}: '{video}'")
+    return scores
+
+
+def _video_labels(predictions: Mapping[str, np.ndarray] | None, scores: np.ndarray | None, video: str,
+                  truth: np.ndarray, *, num_classes: int, source: str) -> np.ndarray:
+    """The checked (T,) predicted class ids of ``video``: its prediction, or the argmax of its probabilities."""
+    if predictions is not None:
+        if video not in predictions:
+            raise EtesvsError(f"{source}: no prediction for video '{video}'")
+        labels = np.asarray(predictions[video], dtype=np.int64)
+    else:
+        labels = np.argmax(scores, axis=1)
+    if labels.shape != truth.shape:
+        raise EtesvsError(f"{source}: prediction of '{video}' has {len(labels)} frames, ground truth {len(truth)}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise EtesvsError(f"{source}: prediction of '{video}' has class ids outside 0..{num_classes - 1}")
+    return labels
+
+
 def evaluate_predictions(
     ground_truth: Mapping[str, np.ndarray],
     predictions: Mapping[str, np.ndarray] | None = None,
@@ -139,34 +165,17 @@ def evaluate_predictions(
     if predictions is None and probabilities is None:
         raise ValueError("give predictions, probabilities or both")
     predicted_labels: dict[str, np.ndarray] = {}
-    predicted_segments = []
-    true_segments = []
+    predicted_segments, true_segments = [], []
     for index, video in enumerate(videos):
         truth = np.asarray(ground_truth[video])
+        scores = None
         if probabilities is not None:
-            if video not in probabilities:
-                raise EtesvsError(f"{probabilities_source}: no probabilities for video '{video}'")
-            scores = np.asarray(probabilities[video])
-            check_probabilities(
-                scores, num_frames=len(truth), num_classes=num_classes, source=f"{probabilities_source}: '{video}'"
-            )
+            scores = _video_probabilities(probabilities, video, truth, num_classes=num_classes,
+                                          source=probabilities_source)
             predicted_segments.append(segments_from_probabilities(scores, background_ids, video=index))
             true_segments.append(segments_from_labels(truth, background_ids, video=index))
-        if predictions is not None:
-            if video not in predictions:
-                raise EtesvsError(f"{predictions_source}: no prediction for video '{video}'")
-            labels = np.asarray(predictions[video], dtype=np.int64)
-        else:
-            labels = np.argmax(scores, axis=1)
-        if labels.shape != truth.shape:
-            raise EtesvsError(
-                f"{predictions_source}: prediction of '{video}' has {len(labels)} frames, ground truth {len(truth)}"
-            )
-        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-            raise EtesvsError(
-                f"{predictions_source}: prediction of '{video}' has class ids outside 0..{num_classes - 1}"
-            )
-        predicted_labels[video] = labels
+        predicted_labels[video] = _video_labels(predictions, scores, video, truth, num_classes=num_classes,
+                                                source=predictions_source)
     truths = [np.asarray(ground_truth[video], dtype=np.int64) for video in videos]
     segmentation = segmentation_metrics(
         [predicted_labels[video] for video in videos], truths, background_ids=background_ids

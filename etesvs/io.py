@@ -404,12 +404,12 @@ def claim_output_dir(
 ) -> OutputDir:
     """Make ``path`` the output directory of ``owner``, or refuse in one line before anything is written.
 
-    ``path`` is taken if missing or empty (and created with its marker when the first file is written), and
-    kept if it holds ``owner``'s marker. Refused: a file; the
-    file-system root, your home directory, the current directory or anything containing them; a project root
-    (``.git``, ``.dvc``, ``dvc.yaml``); a directory that is, contains or lies inside one of ``inputs``; a dataset
-    root (``Videos/`` or ``groundTruth/``) not written by ``owner``; another owner's directory; and, with
-    ``exclusive`` (the default), a directory holding any file the owner did not write.
+    ``path`` is taken if missing or empty (and created with its marker when the first file is written), and kept if
+    it holds ``owner``'s marker. Refused: a file; the file-system root, your home directory, the current directory
+    or anything containing them; a project root (``.git``, ``.dvc``, ``dvc.yaml``); a directory that is, contains
+    or lies inside one of ``inputs``; a dataset root (``Videos/`` or ``groundTruth/``) not written by ``owner``;
+    another owner's directory; and, with ``exclusive`` (the default), a directory holding any file the owner did
+    not write.
 
     Args:
         path: the output directory.
@@ -423,28 +423,11 @@ def claim_output_dir(
     """
     path = Path(path)
 
-    def refuse(reason: str) -> EtesvsError:
+    def refuse(reason: str) -> EtesvsError:  # one line naming the place, the stage and why
         return EtesvsError(f"{path}: {owner} will not write here: {reason}")
-
-    if path.exists() and not path.is_dir():
-        raise refuse("it is a file, not a directory")
-    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise refuse(f"{blocking} is a file")
-    resolved = path.resolve()
-    reason = _protected(resolved, exclusive=exclusive)
+    reason = _unfit_place(path, inputs=inputs, exclusive=exclusive)
     if reason:
         raise refuse(reason)
-    resolved_inputs = []
-    for source in inputs:
-        source_resolved = Path(source).resolve()
-        resolved_inputs.append(Path(os.path.normpath(os.path.abspath(source))))
-        if source_resolved == resolved:
-            raise refuse(f"it is the input {source}")
-        if exclusive and _contains(resolved, source_resolved):
-            raise refuse(f"it contains the input {source}")
-        if exclusive and _contains(source_resolved, resolved):
-            raise refuse(f"it lies inside the input directory {source}")
     marker = _read_marker(marker_path(path, inside=marker_inside)) if path.is_dir() else None
     if marker is not None and marker["owner"] != owner:
         raise refuse(f"it holds the output of {marker['owner']}")
@@ -462,13 +445,36 @@ def claim_output_dir(
         foreign = [e for e in entries if e not in own and e not in files and not _is_own_temporary(e, own)]
         if foreign:
             raise refuse(f"it holds files that {owner} did not write ({_examples(foreign)})")
-    output = OutputDir(path, owner, exclusive, files, tuple(resolved_inputs), marker_inside)
+    resolved_inputs = tuple(Path(os.path.normpath(os.path.abspath(source))) for source in inputs)
+    output = OutputDir(path, owner, exclusive, files, resolved_inputs, marker_inside)
     for entry in entries:
         if _is_own_temporary(entry, own):  # left by a run that was killed while writing
             (path / entry).unlink()
     if marker is None and files:  # adopted: from now on the marker says so
         output._save()
     return output
+
+
+def _unfit_place(path: Path, *, inputs: Sequence[str | Path], exclusive: bool) -> str | None:
+    """Why no output may go to ``path`` whatever it holds (a file, a protected place, an input), or None."""
+    if path.exists() and not path.is_dir():
+        return "it is a file, not a directory"
+    blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        return f"{blocking} is a file"
+    resolved = path.resolve()
+    reason = _protected(resolved, exclusive=exclusive)
+    if reason:
+        return reason
+    for source in inputs:
+        source_resolved = Path(source).resolve()
+        if source_resolved == resolved:
+            return f"it is the input {source}"
+        if exclusive and _contains(resolved, source_resolved):
+            return f"it contains the input {source}"
+        if exclusive and _contains(source_resolved, resolved):
+            return f"it lies inside the input directory {source}"
+    return None
 
 
 def _examples(names: Sequence[str], limit: int = 3) -> str:

@@ -7,7 +7,7 @@ on a display, on the configured backend or on global pyplot state.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import matplotlib
 import numpy as np
@@ -54,6 +54,17 @@ def _window_ticks(duration: float, window_seconds: float) -> tuple[np.ndarray, n
     major = boundaries[::step]
     minor = boundaries if len(boundaries) <= MAX_MINOR_TICKS else np.zeros(0)
     return major, minor
+
+
+def _time_axis(ax: Any, *, duration: float, window: int | None, fps: float) -> None:
+    """Seconds on the x axis, with ticks at the sliding-window boundaries when ``window`` (frames) is given."""
+    if window:
+        major, minor = _window_ticks(duration, window / fps)
+        ax.xaxis.set_major_locator(FixedLocator(major))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda seconds, _: f"{seconds:.2f}".rstrip("0").rstrip(".")))
+        ax.xaxis.set_minor_locator(FixedLocator(minor))
+    ax.set_xlim(0.0, duration)
+    ax.set_xlabel("time (s)" + (f", ticks at {window}-frame window boundaries" if window else ""))
 
 
 def plot_segments(
@@ -109,13 +120,7 @@ def plot_segments(
         ax.set_yticks([])
         ax.set_ylabel(name, rotation=0, ha="right", va="center")
     bars[0].tick_params(labelbottom=False)
-    if window:
-        major, minor = _window_ticks(duration, window / fps)
-        bars[1].xaxis.set_major_locator(FixedLocator(major))
-        bars[1].xaxis.set_major_formatter(FuncFormatter(lambda seconds, _: f"{seconds:.2f}".rstrip("0").rstrip(".")))
-        bars[1].xaxis.set_minor_locator(FixedLocator(minor))
-    bars[1].set_xlim(0.0, duration)
-    bars[1].set_xlabel("time (s)" + (f", ticks at {window}-frame window boundaries" if window else ""))
+    _time_axis(bars[1], duration=duration, window=window, fps=fps)
     legend_axes = figure.add_subplot(grid[2])
     legend_axes.axis("off")
     handles = [Patch(facecolor=colors[c], label=class_names[c]) for c in present]

@@ -66,7 +66,7 @@ def test_container_round_trip(tmp_path):
 
 
 def test_decode_real_videos(shared_data):
-    config = ExtractConfig(fps=15, short_side=96)
+    config = ExtractConfig(fps=15, short_side=96, jpeg_quality=3, tolerance=5)
     videos = sorted((shared_data / "videos" / "asl_gestures").glob("*.mkv"))[:2] + [shared_data / "videos" / "mmaction2-demo.mp4"]
     for video in videos:
         images = decode_video_to_jpeg(video, config)
@@ -106,7 +106,7 @@ def test_bad_videos_are_named(tmp_path, kind, reason):
     elif kind == "corrupt":
         path.write_bytes(b"not a video" * 50)
     with pytest.raises(EtesvsError) as error:
-        decode_video_to_jpeg(path, ExtractConfig(fps=15, short_side=32))
+        decode_video_to_jpeg(path, ExtractConfig(fps=15, short_side=32, jpeg_quality=3, tolerance=5))
     assert str(error.value).startswith(str(path)) and reason in str(error.value)
 
 
@@ -115,7 +115,7 @@ def test_extract_frames_resumes_and_skips(tmp_path):
     other = make_video(tmp_path / "raw" / "other.mp4", frames=10)
     bad = tmp_path / "raw" / "bad.mp4"
     bad.write_bytes(b"garbage" * 100)
-    config = ExtractConfig(fps=15, short_side=32, tolerance=2)
+    config = ExtractConfig(fps=15, short_side=32, jpeg_quality=3, tolerance=2)
     out = tmp_path / "frames"
     results = extract_frames([("good", good, 12)], out, config, workers=1, progress=False)
     assert [r.status for r in results] == ["done"]
@@ -135,7 +135,7 @@ def test_extract_frames_resumes_and_skips(tmp_path):
     assert [r.status for r in results] == ["skipped", "failed"]
     assert not frames_path(out, "other").exists(), "containers of videos no longer listed are removed"
     # Different settings make the container stale, so it is decoded again.
-    results = extract_frames([("good", good, 12)], out, ExtractConfig(fps=15, short_side=24, tolerance=2), workers=1, progress=False)
+    results = extract_frames([("good", good, 12)], out, ExtractConfig(fps=15, short_side=24, jpeg_quality=3, tolerance=2), workers=1, progress=False)
     assert [r.status for r in results] == ["done"] and FrameReader(frames_path(out, "good")).height == 24
 
 

@@ -37,7 +37,7 @@ from tests.test_frames import make_video
 from tests.test_labels import make_dataset
 from tests.test_stream import make_checkpoint
 
-CONFIG = ExtractConfig(fps=15, short_side=32, tolerance=20)
+CONFIG = ExtractConfig(fps=15, short_side=32, jpeg_quality=3, tolerance=20)
 
 
 STAGE_PARAMS = {

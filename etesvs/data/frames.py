@@ -126,8 +126,8 @@ class ExtractConfig:
 
     fps: float
     short_side: int
-    jpeg_quality: int = 3
-    tolerance: int = 5
+    jpeg_quality: int
+    tolerance: int
     ffmpeg_threads: int = 1
 
 
@@ -488,12 +488,9 @@ def extract_frames(
     interrupted run are kept and not decoded again; containers that this stage wrote for videos no longer listed
     are removed, and nothing else is. A bad video stops the run (after the videos being decoded are finished)
     with one line naming the file and ffmpeg's reason, unless ``skip_bad_videos`` is set, in which case it is
-    reported in the results. A signal (Ctrl-C,
-    SIGTERM, a killed ffmpeg or worker) stops the run as :class:`Interrupted`, never as a bad video. The workers
-    die with this process, even when it is killed.
+    reported in the results. A signal (Ctrl-C, SIGTERM, a killed ffmpeg or worker) stops the run as
+    :class:`Interrupted`, never as a bad video. The workers die with this process, even when it is killed.
     """
-    from tqdm import tqdm
-
     frames_dir = Path(frames_dir)
     output = claim_output_dir(
         frames_dir,
@@ -504,6 +501,17 @@ def extract_frames(
     names = [frames_path(".", video).name for video, _, _ in jobs]
     output.retain(names)
     out_files = output.expect(names)
+    results = _decode_in_pool(jobs, out_files, config, workers=workers, skip_bad_videos=skip_bad_videos,
+                              progress=progress)
+    order = {video: i for i, (video, _, _) in enumerate(jobs)}
+    return sorted(results, key=lambda r: order[r.video])
+
+
+def _decode_in_pool(jobs: Sequence[tuple[str, Path, int]], out_files: Sequence[Path], config: ExtractConfig, *,
+                    workers: int, skip_bad_videos: bool, progress: bool) -> list[ExtractResult]:
+    """Run :func:`extract_video` for every job in a process pool (see :func:`extract_frames` for the rules)."""
+    from tqdm import tqdm
+
     results: list[ExtractResult] = []
     bar = tqdm(total=len(jobs), desc="extract_frames", unit="video", disable=not progress)
     pool = ProcessPoolExecutor(max_workers=max(1, workers), initializer=_pool_worker_init, initargs=(os.getpid(),))
@@ -531,8 +539,7 @@ def extract_frames(
         pool.shutdown(wait=True)
     finally:
         bar.close()
-    order = {video: i for i, (video, _, _) in enumerate(jobs)}
-    return sorted(results, key=lambda r: order[r.video])
+    return results
 
 
 def _stop_pool(pool: ProcessPoolExecutor) -> None:

@@ -108,6 +108,45 @@ def localization_database(
     return {"database": database}
 
 
+def _read_splits(layout: DatasetLayout, split: int) -> tuple[list[str], list[str], dict[str, str]]:
+    """The train and test videos of split ``split``, and where every video of any split is first named
+    (``"<bundle>:<line>"``), so that a missing one is blamed on the bundle (and line) that named it."""
+    train_file, test_file = layout.split_file("train", split), layout.split_file("test", split)
+    for path in (train_file, test_file):
+        if not path.is_file():
+            raise EtesvsError(f"{path}: split file not found")
+    train_entries, test_entries = read_split_entries(train_file), read_split_entries(test_file)
+    train, test = [video for video, _ in train_entries], [video for video, _ in test_entries]
+    overlap = sorted(set(train) & set(test))
+    if overlap:
+        raise EtesvsError(f"{test_file}: videos also in the train split: {', '.join(overlap[:5])}")
+    named_in: dict[str, str] = {}
+    for bundle, entries in ((train_file, train_entries), (test_file, test_entries)):
+        for video, line in entries:
+            named_in.setdefault(video, f"{bundle}:{line}")
+    for bundle in sorted(glob.glob(str(layout.root / "splits" / "*.bundle"))):
+        for video, line in read_split_entries(bundle):
+            named_in.setdefault(video, f"{bundle}:{line}")
+    return train, test, named_in
+
+
+def _write_labels(staged: dict[str, Path], labels: dict[str, np.ndarray], info: dict) -> None:
+    """labels.h5, info.json and the localization JSON of both subsets into the staged paths of LABEL_FILES."""
+    with h5py.File(staged["labels.h5"], "w") as handle:
+        for video, ids in labels.items():
+            group = handle.create_group(video)
+            group.create_dataset("classes", data=ids)
+            group.create_dataset("boundaries", data=boundaries_from_ids(ids))
+    _dump_json(staged["info.json"], info)
+    for subset in ("train", "test"):
+        members = info[subset]
+        database = localization_database(
+            {video: labels[video] for video in members}, {video: subset for video in members},
+            classes=info["classes"], background_ids=info["background_ids"], fps=info["fps"],
+        )
+        _dump_json(staged[f"localization_{subset}.json"], database)
+
+
 def convert_labels(
     layout: DatasetLayout,
     out_dir: str | Path,
@@ -129,57 +168,20 @@ def convert_labels(
     for name in background:
         if name not in classes:
             raise EtesvsError(f"{layout.mapping_file}: background class {name!r} is not in the mapping")
-    train_file, test_file = layout.split_file("train", split), layout.split_file("test", split)
-    for path in (train_file, test_file):
-        if not path.is_file():
-            raise EtesvsError(f"{path}: split file not found")
-    train_entries, test_entries = read_split_entries(train_file), read_split_entries(test_file)
-    train, test = [video for video, _ in train_entries], [video for video, _ in test_entries]
-    overlap = sorted(set(train) & set(test))
-    if overlap:
-        raise EtesvsError(f"{test_file}: videos also in the train split: {', '.join(overlap[:5])}")
-    # Where each video was first named, so that a missing one is blamed on the bundle (and line) that named it.
-    named_in: dict[str, str] = {}
-    for bundle, entries in ((train_file, train_entries), (test_file, test_entries)):
-        for video, line in entries:
-            named_in.setdefault(video, f"{bundle}:{line}")
-    for bundle in sorted(glob.glob(str(layout.root / "splits" / "*.bundle"))):
-        for video, line in read_split_entries(bundle):
-            named_in.setdefault(video, f"{bundle}:{line}")
+    train, test, named_in = _read_splits(layout, split)
     labels: dict[str, np.ndarray] = {}
     for video, source in named_in.items():
         path = layout.ground_truth_file(video)
         if not path.is_file():
             raise EtesvsError(f"{source}: names video '{video}' but {path} does not exist")
         labels[video] = names_to_ids(read_ground_truth(path), classes, source=path)
-    background_ids = [classes.index(name) for name in background]
+    info = {
+        "dataset": dataset, "fps": fps, "classes": classes, "background": list(background),
+        "background_ids": [classes.index(name) for name in background], "split": split, "train": train,
+        "test": test, "num_frames": {video: int(len(ids)) for video, ids in labels.items()},
+    }  # fmt: skip
     with output.replace(LABEL_FILES) as staged:
-        with h5py.File(staged["labels.h5"], "w") as handle:
-            for video, ids in labels.items():
-                group = handle.create_group(video)
-                group.create_dataset("classes", data=ids)
-                group.create_dataset("boundaries", data=boundaries_from_ids(ids))
-        info = {
-            "dataset": dataset,
-            "fps": fps,
-            "classes": classes,
-            "background": list(background),
-            "background_ids": background_ids,
-            "split": split,
-            "train": train,
-            "test": test,
-            "num_frames": {video: int(len(ids)) for video, ids in labels.items()},
-        }
-        _dump_json(staged["info.json"], info)
-        for subset, members in (("train", train), ("test", test)):
-            database = localization_database(
-                {video: labels[video] for video in members},
-                {video: subset for video in members},
-                classes=classes,
-                background_ids=background_ids,
-                fps=fps,
-            )
-            _dump_json(staged[f"localization_{subset}.json"], database)
+        _write_labels(staged, labels, info)
     return load_label_info(out_dir)
 
 
@@ -227,6 +229,53 @@ def load_boundaries(labels_dir: str | Path, video: str) -> np.ndarray:
     return _read_array(labels_dir, video, "boundaries").astype(np.uint8)
 
 
+def _activitynet_classes(database: dict, *, annotation_file: Path, text: str, background: str) -> list[str]:
+    """``background`` then every label of the annotations, sorted; video names and labels are checked."""
+    names: set[str] = set()
+    for video, entry in database.items():
+        where = f"{annotation_file}:{_json_key_line(text, video)}"
+        check_plain_name(video, source=where)
+        if not isinstance(entry, dict) or not isinstance(entry.get("annotations", []), list):
+            raise EtesvsError(f"{where}: video '{video}' is not an object with a list of 'annotations'")
+        for annotation in entry.get("annotations", []):
+            label = str(annotation.get("label")) if isinstance(annotation, dict) else None
+            if label is None or not label or any(c.isspace() or not c.isprintable() for c in label):
+                raise EtesvsError(
+                    f"{where}: video '{video}' has label {label!r}; a label is one word (mapping.txt and groundTruth "
+                    "files hold one name per line, without spaces)"
+                )
+            names.add(label)
+    return [background] + sorted(names - {background})
+
+
+def _frame_labels(video: str, entry: dict, *, annotation_file: Path, fps: float, background: str) -> list[str]:
+    """One class name per frame of ``video``: ``background`` where no segment is (the later-starting wins)."""
+    if "frames" in entry:
+        num_frames = int(entry["frames"])
+    elif "duration" in entry:
+        num_frames = int(round(float(entry["duration"]) * fps))
+    else:
+        raise EtesvsError(f"{annotation_file}: video '{video}' has neither 'duration' nor 'frames'")
+    if num_frames <= 0:
+        raise EtesvsError(f"{annotation_file}: video '{video}' has no frames")
+    frame_labels = [background] * num_frames
+    try:
+        ordered = sorted(entry.get("annotations", []), key=lambda a: float(a["segment"][0]))
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise EtesvsError(f"{annotation_file}: video '{video}' has a segment without a numeric start") from None
+    for annotation in ordered:
+        try:
+            start_s, end_s = (float(x) for x in annotation["segment"])
+        except (KeyError, TypeError, ValueError):
+            raise EtesvsError(f"{annotation_file}: video '{video}' has a malformed segment {annotation!r}") from None
+        if end_s < start_s:
+            raise EtesvsError(f"{annotation_file}: video '{video}' has a segment ending before it starts")
+        start, end = int(round(start_s * fps)), min(num_frames, int(round(end_s * fps)))
+        for frame in range(max(0, start), end):
+            frame_labels[frame] = str(annotation["label"])
+    return frame_labels
+
+
 def activitynet_to_ground_truth(
     annotation_file: str | Path,
     out_root: str | Path,
@@ -252,52 +301,16 @@ def activitynet_to_ground_truth(
         raise EtesvsError(f"{annotation_file}: expected an object with a 'database' object")
     database = database["database"]
     subsets = subsets or {"training": "train", "validation": "train", "train": "train", "test": "test"}
-    names: set[str] = set()
-    for video, entry in database.items():
-        where = f"{annotation_file}:{_json_key_line(text, video)}"
-        check_plain_name(video, source=where)
-        if not isinstance(entry, dict) or not isinstance(entry.get("annotations", []), list):
-            raise EtesvsError(f"{where}: video '{video}' is not an object with a list of 'annotations'")
-        for annotation in entry.get("annotations", []):
-            label = str(annotation.get("label")) if isinstance(annotation, dict) else None
-            if label is None or not label or any(c.isspace() or not c.isprintable() for c in label):
-                raise EtesvsError(
-                    f"{where}: video '{video}' has label {label!r}; a label is one word (mapping.txt and groundTruth "
-                    "files hold one name per line, without spaces)"
-                )
-            names.add(label)
-    classes = [background] + sorted(names - {background})
+    classes = _activitynet_classes(database, annotation_file=annotation_file, text=text, background=background)
     split_members: dict[str, list[str]] = {"train": [], "test": []}
     ground_truth: dict[str, list[str]] = {}
     for video, entry in database.items():
-        if "frames" in entry:
-            num_frames = int(entry["frames"])
-        elif "duration" in entry:
-            num_frames = int(round(float(entry["duration"]) * fps))
-        else:
-            raise EtesvsError(f"{annotation_file}: video '{video}' has neither 'duration' nor 'frames'")
-        if num_frames <= 0:
-            raise EtesvsError(f"{annotation_file}: video '{video}' has no frames")
-        frame_labels = [background] * num_frames
-        try:
-            ordered = sorted(entry.get("annotations", []), key=lambda a: float(a["segment"][0]))
-        except (KeyError, TypeError, ValueError, IndexError):
-            raise EtesvsError(f"{annotation_file}: video '{video}' has a segment without a numeric start") from None
-        for annotation in ordered:
-            try:
-                start_s, end_s = (float(x) for x in annotation["segment"])
-            except (KeyError, TypeError, ValueError):
-                raise EtesvsError(f"{annotation_file}: video '{video}' has a malformed segment {annotation!r}") from None
-            if end_s < start_s:
-                raise EtesvsError(f"{annotation_file}: video '{video}' has a segment ending before it starts")
-            start, end = int(round(start_s * fps)), min(num_frames, int(round(end_s * fps)))
-            for frame in range(max(0, start), end):
-                frame_labels[frame] = str(annotation["label"])
         subset = subsets.get(str(entry.get("subset", "test")).lower())
         if subset is None:
             raise EtesvsError(f"{annotation_file}: video '{video}' has unknown subset {entry.get('subset')!r}")
+        ground_truth[video] = _frame_labels(video, entry, annotation_file=annotation_file, fps=fps,
+                                            background=background)
         split_members[subset].append(video)
-        ground_truth[video] = frame_labels
     files = [f"groundTruth/{video}.txt" for video in ground_truth]
     files += ["mapping.txt"] + [f"splits/{subset}.split1.bundle" for subset in split_members]
     with output.replace(files) as staged:
