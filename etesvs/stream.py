@@ -33,7 +33,7 @@ from typing import IO, Iterator, Sequence
 import numpy as np
 import torch
 
-from etesvs.data.frames import ffmpeg_exe, ffmpeg_interruption, ffmpeg_reason
+from etesvs.data.frames import check_ffmpeg_exit, ffmpeg_exe, ffmpeg_reason, stop_ffmpeg
 from etesvs.errors import EtesvsError, run_main
 from etesvs.io import atomic_path, claim_output_dir, ffmpeg_file_input, load_weights_file
 from etesvs.models.streaming import StreamingSegmenter
@@ -155,17 +155,8 @@ def read_frames(
                 break
         completed = True
     finally:
-        process.stdout.close()
-        if not completed:  # the reader stopped early: don't leave ffmpeg running
-            process.kill()
-        code = process.wait()
-        drain.join()
-    stderr = b"".join(errors).decode("utf-8", errors="replace")
-    interruption = ffmpeg_interruption(code, stderr, str(video))
-    if interruption is not None:
-        raise interruption
-    if code != 0:
-        raise EtesvsError(f"{video}: ffmpeg could not decode it: {ffmpeg_reason(stderr)}")
+        code = stop_ffmpeg(process, drain, completed=completed)
+    stderr = check_ffmpeg_exit(code, errors, source=str(video))
     if decoded == 0:
         raise EtesvsError(f"{video}: no video frames decoded{f' ({ffmpeg_reason(stderr)})' if stderr.strip() else ''}")
 

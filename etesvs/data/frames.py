@@ -224,6 +224,29 @@ def decode_command(video_file: Path, config: ExtractConfig) -> list[str]:
     ]  # fmt: skip
 
 
+def stop_ffmpeg(process: subprocess.Popen, drain: threading.Thread, *, completed: bool) -> int:
+    """End an ffmpeg whose stdout has been read: killed if its reader stopped early, waited for, its stderr drained
+    by ``drain``; returns its exit code."""
+    process.stdout.close()
+    if not completed:  # interrupted or stopped early: don't leave ffmpeg running
+        process.kill()
+    code = process.wait()
+    drain.join()
+    return code
+
+
+def check_ffmpeg_exit(code: int, errors: list[bytes], *, source: str) -> str:
+    """ffmpeg's stderr (from ``errors``), after raising :class:`Interrupted` if a signal stopped it or a one-line
+    error naming ``source`` and ffmpeg's reason if it failed."""
+    stderr = b"".join(errors).decode("utf-8", errors="replace")
+    interruption = ffmpeg_interruption(code, stderr, source)
+    if interruption is not None:
+        raise interruption
+    if code != 0:
+        raise EtesvsError(f"{source}: ffmpeg could not decode it: {ffmpeg_reason(stderr)}")
+    return stderr
+
+
 def decode_video_to_jpeg(video_file: Path, config: ExtractConfig) -> list[bytes]:
     """Decode ``video_file`` at ``config.fps``, short side ``config.short_side``, into JPEG bytes per frame.
 
@@ -263,17 +286,8 @@ def decode_video_to_jpeg(video_file: Path, config: ExtractConfig) -> list[bytes]
         process.wait()
         raise EtesvsError(f"{video_file}: unreadable frame stream from ffmpeg ({error})") from None
     finally:
-        process.stdout.close()
-        if not completed:  # interrupted: don't leave ffmpeg running
-            process.kill()
-        code = process.wait()
-        drain.join()
-    stderr = b"".join(errors).decode("utf-8", errors="replace")
-    interruption = ffmpeg_interruption(code, stderr, str(video_file))
-    if interruption is not None:
-        raise interruption
-    if code != 0:
-        raise EtesvsError(f"{video_file}: ffmpeg could not decode it: {ffmpeg_reason(stderr)}")
+        code = stop_ffmpeg(process, drain, completed=completed)
+    stderr = check_ffmpeg_exit(code, errors, source=str(video_file))
     if pending:
         raise EtesvsError(f"{video_file}: ffmpeg output ended inside a frame")
     if not images:

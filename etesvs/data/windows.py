@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
@@ -135,48 +135,22 @@ def lockstep_schedule(
 
 
 class LockstepWindowSampler(Sampler[list[WindowRef]]):
-    """Batch sampler yielding the steps of :func:`lockstep_schedule`; call :meth:`set_epoch` before each epoch."""
+    """Batch sampler yielding the steps of :func:`lockstep_schedule`; call :meth:`set_epoch` before each epoch.
 
-    def __init__(
-        self,
-        lengths: Sequence[int],
-        *,
-        batch_videos: int,
-        window: int,
-        shuffle: bool = False,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        interleave: int = 1,
-        update_every: int = 0,
-    ) -> None:
+    ``schedule`` holds the keyword arguments of :func:`lockstep_schedule` other than ``epoch``.
+    """
+
+    def __init__(self, lengths: Sequence[int], **schedule: Any) -> None:
         self.lengths = list(lengths)
-        self.batch_videos = batch_videos
-        self.window = window
-        self.shuffle = shuffle
-        self.seed = seed
-        self.rank = rank
-        self.world_size = world_size
-        self.interleave = interleave
-        self.update_every = update_every
+        self.schedule = schedule
         self.epoch = 0
+        lockstep_schedule(self.lengths[:0], **schedule)  # bad arguments fail here, not in a DataLoader worker
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def _steps(self) -> list[list[WindowRef]]:
-        return lockstep_schedule(
-            self.lengths,
-            batch_videos=self.batch_videos,
-            window=self.window,
-            epoch=self.epoch,
-            shuffle=self.shuffle,
-            seed=self.seed,
-            rank=self.rank,
-            world_size=self.world_size,
-            interleave=self.interleave,
-            update_every=self.update_every,
-        )
+        return lockstep_schedule(self.lengths, epoch=self.epoch, **self.schedule)
 
     def __iter__(self) -> Iterator[list[WindowRef]]:
         return iter(self._steps())
