@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: repro test test-all params benchmarks clean-venv
+.PHONY: repro results crossval test test-all params benchmarks clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,16 @@ $(STAMP): requirements.txt pyproject.toml
 # The whole pipeline on the embedded demo dataset (or the dataset params.yaml names).
 repro: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+
+# The models side by side and the experiments with only the columns that matter.
+results: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m etesvs.results
+
+# Every split of the dataset and experiment params.yaml names (add Hydra overrides with CV="dataset=gtea ..."), as
+# queued DVC experiments; then reports/crossval.md and reports/crossval.json.
+crossval: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m etesvs.crossval run $(CV)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m etesvs.crossval report $(CV)
 
 # The fast tier of the tests (a few minutes): everything but the end-to-end tests marked slow.
 test: $(STAMP)

@@ -25,7 +25,7 @@ from etesvs.evaluate import SUMMARY_COLUMNS
 from etesvs.io import atomic_path, check_output_file, read_yaml, write_json
 from etesvs.params import compose, project_root
 
-METRICS = [key for _, key in SUMMARY_COLUMNS if key not in (None, "params", "flops_per_frame")]
+METRICS = [key for _, key in SUMMARY_COLUMNS if key not in (None, "params_m", "mflops")]
 LABELS = {key: label for label, key in SUMMARY_COLUMNS if key is not None}
 
 

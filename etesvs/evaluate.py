@@ -44,8 +44,8 @@ from etesvs.metrics import (
 MSTCN_HEADER = "###"
 SUMMARY_COLUMNS = (
     ("Model", None),
-    ("Params", "params"),
-    ("FLOPs/frame", "flops_per_frame"),
+    ("Params", "params_m"),
+    ("FLOPs/frame", "mflops"),
     ("F1@10", "f1_10"),
     ("F1@25", "f1_25"),
     ("F1@50", "f1_50"),
@@ -256,6 +256,19 @@ def json_safe(metrics: Mapping[str, object]) -> dict[str, object]:
     return out
 
 
+def dvc_metrics(scores: Mapping[str, object], model_info: Mapping[str, object]) -> dict[str, object]:
+    """``reports/<model>/metrics.json``: the scores (percent, 2 decimals) and the model's size and cost in readable
+    units (``params_m``: millions of parameters; ``mflops``: millions of FLOPs per frame), so that `dvc metrics
+    show` puts every model on one short row. Timings never go here: metrics change only when results do."""
+    metrics: dict[str, object] = {key: None if value is None else round(float(value), 2)
+                                  for key, value in json_safe(scores).items()}
+    params, flops = model_info.get("params"), model_info.get("flops_per_frame")
+    metrics["params_m"] = round(params / 1e6, 3) if params else None
+    metrics["mflops"] = round(flops / 1e6, 2) if flops else None
+    metrics["pretrained"] = model_info.get("backbone_pretrained")
+    return metrics
+
+
 def per_class_csv(result: EvaluationResult, classes: Sequence[str]) -> str:
     """CSV text: class, precision, recall, f1 (percent), support (frames)."""
     buffer = io.StringIO()
@@ -275,22 +288,14 @@ def per_class_csv(result: EvaluationResult, classes: Sequence[str]) -> str:
     return buffer.getvalue()
 
 
-def confusion_csv(
-    result: EvaluationResult, ground_truth: Mapping[str, np.ndarray], classes: Sequence[str], *, max_rows: int = 20000
-) -> str:
-    """CSV text ``actual,predicted`` (class names), one row per frame for evenly spaced frames, at most ``max_rows``.
-
-    This is the input of DVC's confusion-matrix plot template; frames are sub-sampled with a fixed stride over
-    all videos so that the file stays small and the same inputs give the same file.
-    """
-    actual = np.concatenate([np.asarray(ground_truth[video]) for video in result.videos])
-    predicted = np.concatenate([result.predictions[video] for video in result.videos])
-    stride = max(1, math.ceil(len(actual) / max_rows))
-    names = np.asarray(classes, dtype=object)
+def confusion_csv(confusion: np.ndarray, classes: Sequence[str]) -> str:
+    """CSV text ``actual,predicted,count``: one row for every pair of classes (zeros included), so that a class a
+    model never predicts keeps its column in DVC's plot (template ``.dvc/plots/confusion_counts.json``)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["actual", "predicted"])
-    writer.writerows(zip(names[actual[::stride]], names[predicted[::stride]]))
+    writer.writerow(["actual", "predicted", "count"])
+    for actual, row in enumerate(np.asarray(confusion)):
+        writer.writerows((classes[actual], classes[predicted], int(count)) for predicted, count in enumerate(row))
     return buffer.getvalue()
 
 
@@ -309,7 +314,7 @@ def format_table(metrics: Mapping[str, float | None]) -> str:
     )
 
 
-def _format_count(value: float | None, unit: str = "") -> str:
+def format_count(value: float | None, unit: str = "") -> str:
     if value is None:
         return "-"
     for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -330,8 +335,8 @@ def summary_markdown(reports: Mapping[str, Mapping[str, object]]) -> str:
         cells = [model]
         for _, key in SUMMARY_COLUMNS[1:]:
             value = metrics.get(key)
-            if key in ("params", "flops_per_frame"):
-                cells.append(_format_count(value))
+            if key in ("params_m", "mflops"):
+                cells.append(format_count(None if value is None else value * 1e6))
             else:
                 cells.append("-" if value is None else f"{value:.1f}")
         lines.append("| " + " | ".join(cells) + " |")
@@ -349,7 +354,6 @@ def write_report(
     background_ids: Sequence[int],
     model: str,
     window: int = 0,
-    max_confusion_rows: int = 20000,
     inputs: Sequence[str | Path] = (),
 ) -> None:
     """Write the report of stage evaluate into ``out_dir`` (``reports/<model>``, shared with the training reports).
@@ -381,7 +385,7 @@ def write_report(
             )
     for name, text in (
         ("per_class.csv", per_class_csv(result, classes)),
-        ("confusion.csv", confusion_csv(result, ground_truth, classes, max_rows=max_confusion_rows)),
+        ("confusion.csv", confusion_csv(result.confusion, classes)),
     ):
         with atomic_path(out_dir / name) as tmp:
             tmp.write_text(text, encoding="utf-8")

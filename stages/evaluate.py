@@ -1,8 +1,8 @@
 """Stage evaluate@{model}: score a model's test-set probabilities; write metrics, tables and pictures.
 
 Reads ``--labels`` (info.json, labels.h5) and ``--predictions`` (probs.h5, model.json); writes into ``--out``:
-``metrics.json`` (percent, plus the model's params, flops_per_frame, backbone_pretrained), ``per_class.csv``,
-``confusion.csv`` (sampled frames, for DVC's confusion template) and ``segments/<video>.png``.
+``metrics.json`` (percent, plus the model's size and cost, see :func:`etesvs.evaluate.dvc_metrics`),
+``per_class.csv``, ``confusion.csv`` (every pair of classes with its frame count) and ``segments/<video>.png``.
 Every input is checked before anything is written.
 """
 
@@ -15,11 +15,9 @@ import h5py
 
 from etesvs.data.labels import load_label_info, load_labels
 from etesvs.errors import EtesvsError, run_main
-from etesvs.evaluate import evaluate_predictions, json_safe, write_report
+from etesvs.evaluate import dvc_metrics, evaluate_predictions, write_report
 from etesvs.io import read_json
 from etesvs.params import stage_params
-
-MODEL_FIELDS = ("params", "flops_per_frame", "backbone_pretrained")
 
 
 def main() -> None:
@@ -48,8 +46,7 @@ def main() -> None:
             probabilities_source=str(probabilities_file),
         )
 
-    metrics = json_safe(result.metrics())
-    metrics.update({field: model_info.get(field) for field in MODEL_FIELDS})
+    metrics = dvc_metrics(result.metrics(), model_info)
     write_report(
         args.out, result, ground_truth, metrics=metrics, classes=info.classes, fps=info.fps,
         background_ids=info.background_ids, model=args.model, window=window, inputs=[args.labels, args.predictions],

@@ -74,3 +74,27 @@ def test_bad_video_path_rule():
         parse_video_path_rules("no arrow")
     with pytest.raises(EtesvsError, match="bad regular expression"):
         parse_video_path_rules("(unclosed -> x")
+
+
+def test_check_dataset_names_the_expected_layout(tmp_path):
+    from etesvs.data.layout import check_dataset
+
+    root = tmp_path / "gtea"
+    layout = DatasetLayout(root)
+    expected = f"put gtea there in the MS-TCN layout {root}/{{Videos,groundTruth,splits,mapping.txt}} (README: Real datasets)"
+    with pytest.raises(EtesvsError) as error:
+        check_dataset(layout, name="gtea", split=1)
+    assert str(error.value) == f"{root}: dataset 'gtea' not found; {expected}"
+    (root / "groundTruth").mkdir(parents=True)
+    (root / "mapping.txt").write_text("0 background\n1 take\n")
+    with pytest.raises(EtesvsError) as error:
+        check_dataset(layout, name="gtea", split=2)
+    assert str(error.value) == (f"{root}: dataset 'gtea' lacks Videos, splits/train.split2.bundle, "
+                                f"splits/test.split2.bundle; {expected}")
+    (root / "Videos").mkdir()
+    (root / "Videos" / "a.mp4").write_bytes(b"")
+    (root / "groundTruth" / "a.txt").write_text("take\n")
+    (root / "splits").mkdir()
+    for subset in ("train", "test"):
+        (root / "splits" / f"{subset}.split2.bundle").write_text("a.txt\n")
+    assert check_dataset(layout, name="gtea", split=2) == {"videos": 1, "label_files": 1, "classes": 2}

@@ -109,9 +109,9 @@ def test_features_predictions_and_reports(repo):
         for key in ("acc", "edit", "f1_10", "f1_25", "f1_50", "map_50", "map_avg", "auc"):
             assert 0 <= metrics[key] <= 100, (model, key)
         if model in TEMPORAL:
-            assert metrics["params"] > extractor["params"], "two-stage cost includes the feature extractor"
+            assert metrics["params_m"] * 1e6 > extractor["params"], "two-stage cost includes the feature extractor"
         else:
-            assert 0 < metrics["params"] < extractor["params"] and metrics["flops_per_frame"] > 0
+            assert 0 < metrics["params_m"] * 1e6 < extractor["params"] and metrics["mflops"] > 0
         pictures = sorted((repo / "reports" / model / "segments").glob("*.png"))
         assert len(pictures) == len(info.test)
         curves = (repo / "reports" / model / "train" / "curves.csv").read_text().splitlines()
@@ -127,6 +127,21 @@ def test_metrics_show_lists_every_model_and_nothing_else(repo):
     for model in MODELS:
         assert f"reports/{model}/metrics.json" in result.stdout
     assert "extract_frames" not in result.stdout and "frames_per_second" not in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 200, result.stdout
+
+
+def test_results_prints_models_and_experiments_in_readable_units(repo):
+    for command in (["git", "add", "-A"], ["git", "commit", "-qm", "tiny results"]):
+        assert run(command, repo).returncode == 0
+    result = run([sys.executable, "-m", "etesvs.results"], repo)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[2].split()[:5] == ["Model", "Params", "FLOPs/frame", "F1@10", "F1@25"]
+    for model in MODELS:
+        row = next(line for line in lines if line.startswith(model + " "))
+        assert row.split()[1][-1] in "kMG" and row.split()[2][-1] in "kMG", row
+    assert "mstcn F1@50/Edit/Acc" in result.stdout and "workspace" in result.stdout
+    assert max(len(line) for line in lines) <= 200, result.stdout
 
 
 def test_stream_command_on_the_trained_checkpoint(repo, tmp_path):
@@ -172,3 +187,22 @@ def test_every_chart_draws_offline_in_headless_chromium(repo, tmp_path):
         name = re.match(r'<div id="([^"]+)"', chart).group(1)
         drawn = chart.split("</svg>")[0]
         assert '<svg' in drawn and 'class="marks"' in drawn and "role-mark" in drawn, f"{name} is blank"
+
+
+def test_an_absent_dataset_stops_the_pipeline_before_anything_is_removed(repo):
+    """Last in this module: it switches the dataset and puts params.yaml back afterwards."""
+    from etesvs.params import compose
+
+    params = (repo / "params.yaml").read_text()
+    before = {path: path.stat().st_mtime_ns for path in (repo / "data" / "labels").iterdir()}
+    try:
+        compose([*OVERRIDES, "dataset=gtea"], out=repo / "params.yaml", root=repo)
+        result = run(["dvc", "repro"], repo)
+    finally:
+        (repo / "params.yaml").write_text(params)
+    assert result.returncode != 0
+    expected = ("error: data/raw/gtea: dataset 'gtea' not found; put gtea there in the MS-TCN layout "
+                "data/raw/gtea/{Videos,groundTruth,splits,mapping.txt} (README: Real datasets)")
+    assert expected in result.stderr.splitlines(), result.stderr[-2000:]
+    assert {path: path.stat().st_mtime_ns for path in (repo / "data" / "labels").iterdir()} == before
+    assert (repo / "reports" / "summary.md").is_file() and (repo / "data" / "frames").is_dir()

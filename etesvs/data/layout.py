@@ -167,3 +167,26 @@ def read_ground_truth(path: str | Path) -> list[str]:
         if not label:
             raise EtesvsError(f"{path}:{number}: empty label line")
     return labels
+
+
+def check_dataset(layout: DatasetLayout, *, name: str, split: int) -> dict[str, int]:
+    """Check that ``layout.root`` holds a dataset in the MS-TCN layout before any stage touches its outputs.
+
+    A missing root, ``Videos/``, ``groundTruth/``, ``mapping.txt`` or split bundle is one line naming the expected
+    layout and where the README explains it. Returns what was found: counts of videos, label files and classes.
+    """
+    root = layout.root
+    expected = f"{root}/{{Videos,groundTruth,splits,mapping.txt}}"
+    help_text = f"put {name} there in the MS-TCN layout {expected} (README: Real datasets)"
+    if not root.is_dir():
+        raise EtesvsError(f"{root}: dataset '{name}' not found; {help_text}")
+    missing = [str(path.relative_to(root)) for path in (layout.videos_dir, layout.ground_truth_dir) if not path.is_dir()]
+    missing += [str(path.relative_to(root)) for path in (layout.mapping_file, layout.split_file("train", split),
+                                                          layout.split_file("test", split)) if not path.is_file()]
+    if missing:
+        raise EtesvsError(f"{root}: dataset '{name}' lacks {', '.join(missing)}; {help_text}")
+    return {
+        "videos": sum(1 for path in layout.videos_dir.rglob("*") if path.suffix.lower() in VIDEO_EXTENSIONS),
+        "label_files": sum(1 for _ in layout.ground_truth_dir.glob("*.txt")),
+        "classes": len(read_mapping(layout.mapping_file)),
+    }
