@@ -40,6 +40,7 @@ from etesvs.profiling import count_flops, count_parameters
 from etesvs.training import (
     RunPaths,
     autocast,
+    build_optimizer,
     build_scheduler,
     file_identity,
     fit,
@@ -281,7 +282,7 @@ def train_streaming(
     train_videos, val_videos = hold_out(info.train, train["val_fraction"], seed)
     generator = seed_everything(seed)
     model, model_args, origin = _build_model(section, info.num_classes, dist)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
+    optimizer = build_optimizer(model.parameters(), train, where="params.yaml: streaming.train")
     scheduler = build_scheduler(optimizer, train, where="params.yaml: streaming.train")
     amp_dtype = resolve_amp(train["amp"], dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype == torch.float16)

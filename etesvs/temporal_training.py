@@ -32,6 +32,7 @@ from etesvs.training import (
     fit,
     hold_out,
     predict_test,
+    build_optimizer,
     build_scheduler,
     resolve_amp,
     run_fingerprint,
@@ -164,7 +165,7 @@ def _build(name: str, section: dict[str, Any], *, train_set: FeatureDataset, num
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
     train = section["train"]
-    optimizer = torch.optim.Adam(model.parameters(), lr=train["lr"], weight_decay=train["weight_decay"])
+    optimizer = build_optimizer(model.parameters(), train, where=f"params.yaml: {name}.train")
     scheduler = build_scheduler(optimizer, train, where=f"params.yaml: {name}.train")
     return model, {**fixed, **section["model"]}, loss_fn, optimizer, scheduler
 

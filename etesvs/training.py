@@ -93,24 +93,46 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train: dict[str, Any], *, where: str
-                    ) -> torch.optim.lr_scheduler.ReduceLROnPlateau | None:
-    """The learning-rate schedule of a ``train`` section, stepped once per epoch by the driver.
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}
 
-    ``scheduler: none`` keeps the rate constant (MS-TCN, ASRF); ``scheduler: plateau`` multiplies it by
-    ``plateau_factor`` once the training loss has not improved for more than ``plateau_patience`` epochs
-    (ASFormer's ReduceLROnPlateau(mode="min", factor=0.5, patience=3) on the training loss).
+
+def build_optimizer(parameters: Iterable[torch.nn.Parameter], train: dict[str, Any], *, where: str
+                    ) -> torch.optim.Optimizer:
+    """The optimiser of a ``train`` section: ``optimizer`` (adam, adamw or sgd, which also needs ``momentum``)
+    with ``lr`` and ``weight_decay``."""
+    name = train["optimizer"]
+    if name not in OPTIMIZERS:
+        raise EtesvsError(f"{where}.optimizer: expected {', '.join(OPTIMIZERS)}, got {name!r}")
+    options = {"lr": train["lr"], "weight_decay": train["weight_decay"]}
+    if name == "sgd":
+        if "momentum" not in train:
+            raise EtesvsError(f"{where}: optimizer sgd needs momentum")
+        options["momentum"] = train["momentum"]
+    return OPTIMIZERS[name](parameters, **options)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: dict[str, Any], *, where: str) -> Any:
+    """The learning-rate schedule of a ``train`` section, stepped once per epoch by :func:`fit`.
+
+    ``scheduler: none`` keeps the rate constant (MS-TCN, ASRF); ``plateau`` multiplies it by ``plateau_factor`` once
+    the training loss has not improved for more than ``plateau_patience`` epochs (ASFormer's
+    ReduceLROnPlateau(mode="min", factor=0.5, patience=3) on the training loss); ``multistep`` multiplies it by
+    ``gamma`` at each epoch of ``milestones`` (the ETESVS authors' MultiStepLR).
     """
-    name = train.get("scheduler")
-    if name == "none":
-        return None
-    if name != "plateau":
-        raise EtesvsError(f"{where}.scheduler: expected none or plateau, got {name!r}")
-    missing = [key for key in ("plateau_factor", "plateau_patience") if key not in train]
+    name = train["scheduler"]
+    needs = {"none": (), "plateau": ("plateau_factor", "plateau_patience"), "multistep": ("milestones", "gamma")}
+    if name not in needs:
+        raise EtesvsError(f"{where}.scheduler: expected {', '.join(needs)}, got {name!r}")
+    missing = [key for key in needs[name] if key not in train]
     if missing:
-        raise EtesvsError(f"{where}: scheduler plateau needs {' and '.join(missing)}")
-    return torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, mode="min", factor=train["plateau_factor"], patience=train["plateau_patience"])
+        raise EtesvsError(f"{where}: scheduler {name} needs {' and '.join(missing)}")
+    if name == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=train["plateau_factor"], patience=train["plateau_patience"])
+    if name == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(train["milestones"]),
+                                                    gamma=train["gamma"])
+    return None
 
 
 def hold_out(videos: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:

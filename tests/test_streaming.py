@@ -26,7 +26,7 @@ from etesvs.errors import EtesvsError
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-TINY = {"width_mult": 0.35, "temporal_shift": False, "memory_channels": 8, "head": "causal_tcn", "head_layers": 3,
+TINY = {"width_mult": 0.35, "temporal_shift": False, "shift_divisor": 8, "memory_channels": 8, "head": "causal_tcn", "head_layers": 3,
         "head_channels": 8, "norm": "batch"}
 
 
@@ -111,7 +111,7 @@ def test_padding_content_does_not_matter():
 
 def test_temporal_shift_moves_channels_between_neighbours():
     x = torch.arange(2 * 3 * 16, dtype=torch.float32).view(2 * 3, 16, 1, 1)  # 2 clips of 3 frames, 16 channels
-    shifted = temporal_shift(x, 3).view(2, 3, 16)
+    shifted = temporal_shift(x, 3, 8).view(2, 3, 16)
     clips = x.view(2, 3, 16)
     assert torch.equal(shifted[:, 1:, :2], clips[:, :-1, :2]) and torch.all(shifted[:, 0, :2] == 0)
     assert torch.equal(shifted[:, :-1, 2:4], clips[:, 1:, 2:4]) and torch.all(shifted[:, -1, 2:4] == 0)

@@ -156,3 +156,25 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
     messages: list[str] = []
     _, result = _fit(tmp_path, 1, fingerprint="other", messages=messages)
     assert result.resumed_from == 0 and "training from scratch" in messages[0]
+
+
+def test_optimiser_and_schedule_come_from_the_train_section():
+    from etesvs.training import build_optimizer, build_scheduler
+
+    parameters = [torch.nn.Parameter(torch.zeros(2))]
+    sgd = build_optimizer(parameters, {"optimizer": "sgd", "lr": 0.1, "weight_decay": 0.0, "momentum": 0.9},
+                          where="p: m.train")
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.9
+    with pytest.raises(EtesvsError, match="^p: m.train: optimizer sgd needs momentum$"):
+        build_optimizer(parameters, {"optimizer": "sgd", "lr": 0.1, "weight_decay": 0.0}, where="p: m.train")
+    with pytest.raises(EtesvsError, match="^p: m.train.optimizer: expected adam, adamw, sgd, got 'lion'$"):
+        build_optimizer(parameters, {"optimizer": "lion", "lr": 0.1, "weight_decay": 0.0}, where="p: m.train")
+    steps = build_scheduler(sgd, {"scheduler": "multistep", "milestones": [2, 3], "gamma": 0.1}, where="p: m.train")
+    rates = []
+    for _ in range(4):
+        rates.append(sgd.param_groups[0]["lr"])
+        steps.step()
+    assert rates == pytest.approx([0.1, 0.1, 0.01, 0.001])
+    assert build_scheduler(sgd, {"scheduler": "none"}, where="p") is None
+    with pytest.raises(EtesvsError, match="^p: scheduler multistep needs milestones and gamma$"):
+        build_scheduler(sgd, {"scheduler": "multistep"}, where="p")

@@ -33,7 +33,6 @@ from etesvs.models.tcn import SingleStageTCN
 
 HEADS = ("tcn", "causal_tcn")
 NORMS = ("batch", "group")
-SHIFT_DIVISOR = 8  # 1/8 of the channels shift forward in time, 1/8 backward (as in TSM)
 
 
 class StreamState(NamedTuple):
@@ -65,7 +64,7 @@ class StreamState(NamedTuple):
         )
 
 
-def temporal_shift(x: torch.Tensor, num_frames: int, divisor: int = SHIFT_DIVISOR) -> torch.Tensor:
+def temporal_shift(x: torch.Tensor, num_frames: int, divisor: int) -> torch.Tensor:
     """Shift 1/divisor of the channels one frame forward in time and 1/divisor one frame backward (TSM).
 
     Frames outside the window are zeros, so a window sees no other window through the shift.
@@ -126,6 +125,8 @@ class StreamingSegmenter(nn.Module):
         num_classes: C.
         width_mult: MobileNetV2 width multiplier (1.0 to load ImageNet weights).
         temporal_shift: insert a temporal shift in the residual branch of MobileNetV2's residual blocks.
+        shift_divisor: with ``temporal_shift``, 1/shift_divisor of the channels move one frame forward in time and
+            1/shift_divisor one frame backward (TSM: 8).
         memory_channels: M, channels of the reduced feature map and of the ConvLSTM.
         head: ``"tcn"`` (dilated TCN over the window only) or ``"causal_tcn"`` (causal, sees previous windows).
         head_layers: dilated layers of the head (dilations 1, 2, ..., 2**(head_layers - 1)).
@@ -141,6 +142,7 @@ class StreamingSegmenter(nn.Module):
         num_classes: int,
         width_mult: float,
         temporal_shift: bool,
+        shift_divisor: int,
         memory_channels: int,
         head: str,
         head_layers: int,
@@ -157,6 +159,7 @@ class StreamingSegmenter(nn.Module):
         mobilenet = torchvision.models.mobilenet_v2(weights=None, width_mult=width_mult, norm_layer=norm_layer)
         self.backbone = mobilenet.features
         self.temporal_shift = temporal_shift
+        self.shift_divisor = shift_divisor
         self.causal = head == "causal_tcn"
         backbone_channels = self.backbone[-1].out_channels
         self.backbone_classifier = nn.Linear(backbone_channels, num_classes)
@@ -181,7 +184,7 @@ class StreamingSegmenter(nn.Module):
         for layer in self.backbone:
             if self.temporal_shift and isinstance(layer, InvertedResidual) and layer.use_res_connect:
                 # TSM's residual shift: the shortcut keeps the frame's own features, the branch mixes in its neighbours.
-                x = x + layer.conv(temporal_shift(x, num_frames))
+                x = x + layer.conv(temporal_shift(x, num_frames, self.shift_divisor))
             else:
                 x = layer(x)
         return x
