@@ -1,12 +1,14 @@
-"""Benchmark: online inference speed and memory of the streaming model on the CPU.
+"""Benchmark: online inference speed of the streaming model beside its bare backbone, and its memory.
 
-Streams generated videos (ffmpeg's testsrc at the demo resolution and frame rate) through ``etesvs.stream`` and
-prints the frames/s as a multiple of real time (target >= 4 for 15 fps video on 2 cores) and the peak memory for a
-1-minute and a 10-minute video, which must be about the same. Uses ``models/etesvs/best.pt`` when the pipeline
-has trained it, otherwise a randomly initialised model with the streaming parameters of params.yaml (the speed
-does not depend on the weights).
+Streams a generated 640 x 480 video (ffmpeg's testsrc2 at the dataset's frame rate) through ``etesvs.stream`` with a
+randomly initialised model of an experiment's configuration (the speed does not depend on the weights), and in
+the same run times the bare backbone (MobileNetV2 ``features``, batches of one window's fed frames, BatchNorm
+folded, channels-last, inference mode) on the same number of sampled frames. Prints both as multiples of real time and
+their ratio; the last line is JSON with ``x_realtime`` and ``ratio_to_backbone``. Targets for ``etesvs_gtea`` on
+2 cores: ``ratio_to_backbone`` >= 0.8 and ``x_realtime`` >= 8. With ``--memory`` it also streams a video ten times
+longer and compares the peak memory (it must not grow with the video).
 
-    python benchmarks/stream.py [--checkpoint FILE] [--threads 2]
+    python benchmarks/stream.py [--experiment etesvs_gtea] [--seconds 60] [--threads 2] [--memory]
 """
 
 from __future__ import annotations
@@ -17,90 +19,129 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+
+import torch
 
 from etesvs.checkpoints import save_checkpoint
 from etesvs.data.frames import ffmpeg_exe
 from etesvs.data.windows import IMAGENET_MEAN, IMAGENET_STD
-from etesvs.io import ffmpeg_file_output, load_weights_file, read_yaml
-from etesvs.models.streaming import StreamingSegmenter
+from etesvs.io import ffmpeg_file_output, read_yaml
+from etesvs.models.streaming import StreamingSegmenter, prepare_for_inference
+from etesvs.params import compose
 
 ROOT = Path(__file__).resolve().parents[1]
-
+NUM_CLASSES = 11
 RUN_ONE = """
-import io, json, resource, sys, time, tracemalloc
+import io, json, resource, sys, time
 import torch
 torch.set_num_threads(int(sys.argv[3]))
 from etesvs.stream import load_stream_model, run_stream
 model = load_stream_model(sys.argv[1])
-tracemalloc.start()
+run_stream(model, sys.argv[4], stdout=io.StringIO())  # warm-up: kernels are built on the first windows
 start = time.perf_counter()
 summary = run_stream(model, sys.argv[2], stdout=io.StringIO())
 seconds = time.perf_counter() - start
-print(json.dumps({"frames": summary["frames"], "seconds": seconds, "python_peak": tracemalloc.get_traced_memory()[1],
-                  "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+print(json.dumps({"frames": summary["frames"], "seconds": seconds,
+                  "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
 
+def load_params(experiment: str | None, directory: Path) -> dict:
+    """params.yaml of ``experiment`` (composed from conf/), or the repository's params.yaml."""
+    if not experiment:
+        return read_yaml(ROOT / "params.yaml")
+    compose([f"experiment={experiment}"], out=directory / "params.yaml", root=ROOT)
+    return read_yaml(directory / "params.yaml")
+
+
 def random_checkpoint(path: Path, params: dict) -> Path:
-    """A checkpoint of a randomly initialised model with the streaming parameters of ``params``."""
-    streaming, dataset = params["streaming"], params["dataset"]
-    model_args = {"num_classes": 9, **streaming["model"]}
+    """A self-describing checkpoint of a randomly initialised model of ``params``' streaming configuration."""
+    model_args = {"num_classes": NUM_CLASSES, **params["streaming"]["model"]}
     save_checkpoint(
         path, model=StreamingSegmenter(**model_args), optimizer=None, epoch=0, model_args=model_args,
-        classes=[f"class{i}" for i in range(9)], background_ids=[0], fps=float(dataset["fps"]),
-        window=params["window"], sample_rate=dataset["sample_rate"], image_size=streaming["data"]["image_size"],
+        classes=[f"class{i}" for i in range(NUM_CLASSES)], background_ids=[0], fps=float(params["dataset"]["fps"]),
+        window=params["window"], sample_rate=params["dataset"]["sample_rate"],
+        image_size=params["streaming"]["data"]["image_size"],
         normalization={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
     )
     return path
 
 
+def make_video(path: Path, *, seconds: float, fps: float) -> Path:
+    subprocess.run(
+        [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+         f"testsrc2=size=640x480:rate={fps:g}:duration={seconds:g}", "-pix_fmt", "yuv420p", "-c:v", "libx264",
+         "-preset", "ultrafast", "-f", "mp4", ffmpeg_file_output(path)],
+        check=True,
+    )  # fmt: skip
+    return path
+
+
+def stream_once(checkpoint: Path, video: Path, threads: int, *, warm_up: Path) -> dict:
+    """``etesvs.stream`` on ``video`` in a fresh process, after streaming ``warm_up`` once: frames, seconds (steady
+    state) and its peak resident memory."""
+    run = subprocess.run([sys.executable, "-c", RUN_ONE, str(checkpoint), str(video), str(threads), str(warm_up)],
+                         capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    if run.returncode != 0:
+        sys.exit(f"streaming failed: {run.stderr.strip()[-2000:]}")
+    return json.loads(run.stdout.splitlines()[-1])
+
+
+@torch.inference_mode()
+def backbone_seconds(params: dict, *, sampled_frames: int, threads: int) -> float:
+    """Seconds the bare backbone takes for ``sampled_frames`` frames, in batches of one window's fed frames."""
+    torch.set_num_threads(threads)
+    model = prepare_for_inference(StreamingSegmenter(num_classes=NUM_CLASSES, **params["streaming"]["model"]))
+    backbone = model.backbone  # BatchNorm folded, channels-last: the backbone at its fastest
+    batch = params["window"] // params["dataset"]["sample_rate"]
+    size = params["streaming"]["data"]["image_size"]
+    frames = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+    backbone(frames)  # warm-up
+    start = time.perf_counter()
+    for _ in range(max(1, round(sampled_frames / batch))):
+        backbone(frames)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", type=Path, default=ROOT / "data" / "models" / "etesvs" / "best.pt")
-    parser.add_argument("--params", type=Path, default=ROOT / "params.yaml")
+    parser.add_argument("--experiment", default="etesvs_gtea", help="conf/experiment/NAME.yaml ('' for params.yaml)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="length of the test video")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--height", type=int, default=96)
-    parser.add_argument("--fps", type=float, default=15.0)
+    parser.add_argument("--memory", action="store_true", help="also stream a 10x longer video and compare memory")
     args = parser.parse_args()
-    params = read_yaml(args.params)
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = args.checkpoint
-        if not checkpoint.is_file():
-            print(f"{checkpoint} not found: timing a randomly initialised model with params.yaml's settings")
-            checkpoint = random_checkpoint(Path(tmp) / "random.pt", params)
-        results = {}
-        for minutes in (1, 10):
-            video = Path(tmp) / f"testsrc_{minutes}min.mp4"
-            subprocess.run(
-                [ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
-                 f"testsrc=size={args.width}x{args.height}:rate={args.fps:g}:duration={60 * minutes}",
-                 "-pix_fmt", "yuv420p", "-c:v", "libx264", "-preset", "ultrafast", "-f", "mp4",
-                 ffmpeg_file_output(video)],
-                check=True,
-            )  # fmt: skip
-            run = subprocess.run(
-                [sys.executable, "-c", RUN_ONE, str(checkpoint), str(video), str(args.threads)],
-                capture_output=True, text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)},
-            )  # fmt: skip
-            if run.returncode != 0:
-                sys.exit(f"streaming failed: {run.stderr.strip()[-2000:]}")
-            results[minutes] = json.loads(run.stdout.splitlines()[-1])
-        described = load_weights_file(checkpoint, what="checkpoint")
-    size = described["image_size"]
-    print(f"online inference on the CPU ({args.threads} threads), {args.width}x{args.height} video at "
-          f"{args.fps:g} fps, network input {size}x{size}, window {described['window']}")  # fmt: skip
-    for minutes, result in results.items():
-        fps = result["frames"] / result["seconds"]
-        print(f"  {minutes:2d}-minute video: {result['frames']:6d} frames in {result['seconds']:6.1f} s = "
-              f"{fps:6.1f} frames/s = {fps / args.fps:5.1f} x real time; "
-              f"peak RSS {result['max_rss_kib'] / 1024:6.1f} MiB, "
-              f"peak Python allocations {result['python_peak'] / 1024:6.1f} KiB")  # fmt: skip
-    speed = results[10]["frames"] / results[10]["seconds"] / args.fps
-    growth = (results[10]["max_rss_kib"] - results[1]["max_rss_kib"]) / 1024
-    print(f"  real-time factor {speed:.1f} (target >= 4: {'met' if speed >= 4 else 'NOT met'}); "
-          f"peak memory 10 min vs 1 min: {growth:+.1f} MiB")
+        tmp = Path(tmp)
+        params = load_params(args.experiment, tmp)
+        fps, sample_rate = float(params["dataset"]["fps"]), params["dataset"]["sample_rate"]
+        checkpoint = random_checkpoint(tmp / "random.pt", params)
+        warm_up = make_video(tmp / "warm_up.mp4", seconds=2 * params["window"] / fps, fps=fps)
+        streamed = stream_once(checkpoint, make_video(tmp / "video.mp4", seconds=args.seconds, fps=fps), args.threads,
+                               warm_up=warm_up)
+        bare = backbone_seconds(params, sampled_frames=streamed["frames"] // sample_rate, threads=args.threads)
+        long_run = None
+        if args.memory:
+            long_run = stream_once(checkpoint, make_video(tmp / "long.mp4", seconds=10 * args.seconds, fps=fps),
+                                   args.threads, warm_up=warm_up)
+    x_realtime = streamed["frames"] / streamed["seconds"] / fps
+    x_backbone = streamed["frames"] / bare / fps
+    size = params["streaming"]["data"]["image_size"]
+    print(f"{args.experiment or 'params.yaml'}: 640x480 video at {fps:g} fps, network input {size}x{size}, window "
+          f"{params['window']} frames at sample rate {sample_rate}, {args.threads} threads")
+    print(f"  stream:   {x_realtime:6.2f}x real time ({streamed['frames']} frames in {streamed['seconds']:.1f} s, "
+          f"peak {streamed['max_rss_mib']:.0f} MiB)")
+    print(f"  backbone: {x_backbone:6.2f}x real time on the same {streamed['frames'] // sample_rate} sampled frames")
+    result = {"experiment": args.experiment, "x_realtime": round(x_realtime, 3),
+              "ratio_to_backbone": round(x_realtime / x_backbone, 3), "backbone_x_realtime": round(x_backbone, 3),
+              "peak_mib": round(streamed["max_rss_mib"])}
+    if long_run is not None:
+        print(f"  memory:   peak {streamed['max_rss_mib']:.0f} MiB for {args.seconds:g} s, "
+              f"{long_run['max_rss_mib']:.0f} MiB for {10 * args.seconds:g} s")
+        result["peak_mib_10x"] = round(long_run["max_rss_mib"])
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,16 @@
 """Online action segmentation of a video file with a trained streaming model.
 
-    python -m etesvs.stream VIDEO --checkpoint models/etesvs/best.pt [--fps F] [--window N] [--out DIR]
+    python -m etesvs.stream VIDEO --checkpoint data/models/etesvs/best.pt [--fps F] [--window N] [--out DIR]
+                                  [--overlay OUT.mp4] [--windows]
     python -m etesvs.stream --live rtsp://camera.local/stream --checkpoint ...      (or /dev/video0)
 
 ffmpeg decodes the video file (any format it reads) straight to raw RGB frames at the model's frame rate and input size;
 the model labels them window by window, carrying only its constant-size state from one window to the next. Each
-segment is printed as a JSON line as soon as it is final (when the label changes), ``--windows`` also prints every
-window's labels, and a last line lists the segments of the whole video. Nothing grows with the length of the video:
-the segments are spooled to a file, and ``--out DIR`` writes ``labels.txt`` (one class name per frame),
-``segments.jsonl`` and ``segments.png`` (a coloured bar with a legend) incrementally.
+segment is printed as a JSON line as soon as it is final (when the label changes), with its confidence (the mean
+probability of its label over its frames); ``--windows`` also prints every window's labels, and a last line lists
+the segments of the whole video. Nothing grows with the length of the video: the segments are spooled to a file,
+``--out DIR`` writes ``labels.txt`` (one class name per frame), ``segments.jsonl`` and ``segments.png`` (a coloured
+bar with a legend), and ``--overlay OUT.mp4`` the video with the current label and a timeline drawn on it.
 
 VIDEO is always a file name: ffmpeg opens exactly that file, whatever the name looks like ("concat:a|b",
 "http://..."). Live sources (an RTSP, HTTP, UDP, TCP, RTMP or SRT URL, or a camera device) are read only with
@@ -26,17 +28,19 @@ import sys
 import tempfile
 import threading
 from collections import deque
+from queue import Empty, Full, Queue
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator, Sequence
+from typing import IO, Any, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from etesvs.data.frames import check_ffmpeg_exit, ffmpeg_exe, ffmpeg_reason, stop_ffmpeg
 from etesvs.errors import EtesvsError, run_main
-from etesvs.io import atomic_path, claim_output_dir, ffmpeg_file_input, load_weights_file
-from etesvs.models.streaming import StreamingSegmenter
+from etesvs.io import atomic_path, check_output_file, claim_output_dir, ffmpeg_file_input, load_weights_file
+from etesvs.models.streaming import StreamingSegmenter, prepare_for_inference
+from etesvs.overlay import OverlayWriter
 
 REQUIRED_KEYS = ("model", "model_args", "classes", "fps", "window", "sample_rate", "image_size", "normalization")
 OUTPUT_FILES = ("labels.txt", "segments.jsonl", "segments.png")
@@ -45,6 +49,9 @@ LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "rtmpt", "rtmpe", "rtmpts", "r
                 "tcp", "srt", "rtp")  # fmt: skip
 LIVE_PROTOCOLS = LIVE_SCHEMES + ("tls", "httpproxy", "srtp", "crypto", "ffrtmpcrypt", "ffrtmphttp")
 URL_LIKE = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")
+FRAME_SIZE = re.compile(r"\b(\d{2,5})x(\d{2,5})\b")  # "640x480" in ffmpeg's description of a video stream
+DISPLAY_HEIGHT = 360  # --overlay frames are at most this high
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -63,7 +70,8 @@ class StreamModel:
 
 
 def load_stream_model(path: str | Path, device: str | torch.device = "cpu") -> StreamModel:
-    """Rebuild the model of a self-describing checkpoint (``torch.load(weights_only=True)``) in eval mode."""
+    """Rebuild the model of a self-describing checkpoint (plain weights only), prepared for inference (see
+    :func:`etesvs.models.streaming.prepare_for_inference`)."""
     checkpoint = load_weights_file(path, what="checkpoint", map_location=device)
     if not isinstance(checkpoint, dict):
         raise EtesvsError(f"{path}: not a streaming-model checkpoint (not a dictionary)")
@@ -76,7 +84,7 @@ def load_stream_model(path: str | Path, device: str | torch.device = "cpu") -> S
     except (TypeError, ValueError, RuntimeError) as error:
         reason = str(error).splitlines()[0]
         raise EtesvsError(f"{path}: the weights do not fit the model they describe ({reason})") from None
-    model.to(device).eval()
+    prepare_for_inference(model.to(device))
     normalization = checkpoint["normalization"]
     return StreamModel(
         model=model,
@@ -120,27 +128,49 @@ def ffmpeg_source(video: str | Path, *, live: bool = False) -> list[str]:
     )
 
 
+def probe_frame_size(video: str | Path, *, live: bool = False) -> tuple[int, int]:
+    """(width, height) of ``video``'s frames, read from what ffmpeg says of its input (no frame is decoded)."""
+    command = [ffmpeg_exe(), "-nostdin", "-hide_banner", *ffmpeg_source(video, live=live)]
+    done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+                          timeout=60)  # fmt: skip
+    for line in done.stderr.splitlines():
+        if "Video:" in line:
+            found = FRAME_SIZE.search(line.split("Video:", 1)[1])
+            if found:
+                return int(found.group(1)), int(found.group(2))
+    raise EtesvsError(f"{video}: no video stream found ({ffmpeg_reason(done.stderr) or 'ffmpeg gave no reason'})")
+
+
+def display_size(width: int, height: int, *, max_height: int = DISPLAY_HEIGHT) -> tuple[int, int]:
+    """The size of ``--overlay`` frames: the video's aspect, at most ``max_height`` high, even numbers (H.264)."""
+    scale = min(1.0, max_height / height)
+    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+
+
 def read_frames(
-    video: str | Path, *, fps: float, image_size: int, chunk: int, live: bool = False
+    video: str | Path, *, fps: float, image_size: int | None = None, frame_size: tuple[int, int] | None = None,
+    chunk: int, live: bool = False,
 ) -> Iterator[np.ndarray]:
-    """Decode ``video`` with ffmpeg at ``fps``, squeezed to ``image_size`` x ``image_size``, ``chunk`` frames at a time.
+    """Decode ``video`` with ffmpeg at ``fps``, ``chunk`` frames at a time, squeezed to ``image_size`` x
+    ``image_size`` or scaled to ``frame_size`` (width, height).
 
     ffmpeg runs as a subprocess with an argument list (no shell) and writes raw RGB to a pipe; only one chunk is in
     memory at a time. ``video`` is a file name (see :func:`ffmpeg_source`; ``live`` for a URL or a camera).
-    Yields uint8 arrays (n, S, S, 3), n = ``chunk`` except for the last. Raises :class:`EtesvsError` naming the
+    Yields uint8 arrays (n, H, W, 3), n = ``chunk`` except for the last. Raises :class:`EtesvsError` naming the
     file and ffmpeg's reason when it can't be decoded, :class:`Interrupted` when a signal stopped ffmpeg.
     """
+    width, height = frame_size or (image_size, image_size)
     command = [
         ffmpeg_exe(), "-nostdin", "-hide_banner", "-loglevel", "error",
         *ffmpeg_source(video, live=live), "-an", "-sn",
-        "-vf", f"fps={fps:g},scale={image_size}:{image_size}:flags=bilinear",
+        "-vf", f"fps={fps:g},scale={width}:{height}:flags=bilinear",
         "-pix_fmt", "rgb24", "-f", "rawvideo", "pipe:1",
     ]  # fmt: skip
     process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     errors: deque[bytes] = deque(maxlen=64)  # ffmpeg's last messages, bounded
     drain = threading.Thread(target=lambda: errors.extend(process.stderr), daemon=True)
     drain.start()
-    frame_bytes = image_size * image_size * 3
+    frame_bytes = width * height * 3
     decoded = 0
     completed = False
     try:
@@ -150,7 +180,7 @@ def read_frames(
             if count:
                 decoded += count
                 frames = np.frombuffer(bytearray(data[: count * frame_bytes]), dtype=np.uint8)  # writable copy
-                yield frames.reshape(count, image_size, image_size, 3)  # (n*S*S*3,) -> (n, S, S, 3)
+                yield frames.reshape(count, height, width, 3)  # (n*H*W*3,) -> (n, H, W, 3)
             if len(data) < frame_bytes * chunk:
                 break
         completed = True
@@ -161,13 +191,89 @@ def read_frames(
         raise EtesvsError(f"{video}: no video frames decoded{f' ({ffmpeg_reason(stderr)})' if stderr.strip() else ''}")
 
 
+def read_ahead(items: Iterator[T], *, depth: int = 2) -> Iterator[T]:
+    """``items`` produced by a background thread up to ``depth`` ahead, so that ffmpeg decodes the next windows while
+    the model labels this one. Errors of ``items`` are raised here; leaving early stops the thread and closes
+    ``items`` (which stops ffmpeg)."""
+    queue: Queue = Queue(maxsize=depth)
+    stop = threading.Event()
+    end = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        queue.put((item, None), timeout=0.1)
+                        break
+                    except Full:
+                        continue
+                if stop.is_set():
+                    break
+            queue.put((end, None))
+        except BaseException as error:  # handed to the consumer, which raises it
+            queue.put((end, error))
+        finally:
+            items.close()
+
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    try:
+        while True:
+            item, error = queue.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+        while producer.is_alive():
+            with contextlib.suppress(Empty):
+                queue.get(timeout=0.1)
+        producer.join()
+
+
 @dataclass(frozen=True)
 class WindowLabels:
-    """The labels of one window: frames ``start .. start + len(labels) - 1`` at the model's frame rate."""
+    """The labels of one window: frames ``start .. start + len(labels) - 1`` at the model's frame rate.
+
+    ``confidence`` (n,) is the probability of each frame's label; ``frames`` (n, H, W, 3) uint8 are the decoded
+    frames at display size when they were asked for (``--overlay``), else None.
+    """
 
     index: int
     start: int
     labels: np.ndarray  # (n,) int64
+    confidence: np.ndarray  # (n,) float32
+    frames: np.ndarray | None = None
+
+
+class _Normalizer:
+    """uint8 frames (n, H, W, 3) -> the model's input (1, T, 3, S, S) float, each frame channels-last, and its mask.
+
+    (x / 255 - mean) / std is one multiply-add per pixel, done in ffmpeg's (H, W, 3) order; frames of another size
+    (display frames) are first squeezed to S x S like the training frames.
+    """
+
+    def __init__(self, stream_model: StreamModel, device: torch.device, frames_per_window: int) -> None:
+        std = torch.tensor(stream_model.std, dtype=torch.float32, device=device)
+        self.scale, self.shift = 1.0 / (255.0 * std), -torch.tensor(stream_model.mean, device=device) / std
+        self.size, self.length, self.device = stream_model.image_size, frames_per_window, device
+
+    def __call__(self, fed: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        frames = torch.from_numpy(fed).to(self.device)  # (n', H, W, 3) uint8
+        if frames.shape[1:3] != (self.size, self.size):
+            from torchvision.transforms.v2 import functional as TF
+
+            frames = TF.resize(frames.permute(0, 3, 1, 2), [self.size, self.size], antialias=True)  # (n', 3, S, S)
+            frames = frames.permute(0, 2, 3, 1)  # (n', 3, S, S) -> (n', S, S, 3)
+        full = len(frames) == self.length
+        values = (torch.empty if full else torch.zeros)(1, self.length, self.size, self.size, 3, device=self.device)
+        values[0, : len(frames)].copy_(frames).mul_(self.scale).add_(self.shift)
+        mask = torch.zeros(1, self.length, dtype=torch.bool, device=self.device)
+        mask[0, : len(frames)] = True
+        return values.permute(0, 1, 4, 2, 3), mask  # (1, T, S, S, 3) -> (1, T, 3, S, S)
 
 
 @torch.inference_mode()
@@ -178,10 +284,12 @@ def stream_labels(
     window: int | None = None,
     fps: float | None = None,
     live: bool = False,
+    display: tuple[int, int] | None = None,
 ) -> Iterator[WindowLabels]:
     """Label ``video`` window by window with constant memory: yields one :class:`WindowLabels` per window.
 
-    ``video`` is a file name; with ``live``, a URL or a camera device (see :func:`ffmpeg_source`).
+    ``video`` is a file name; with ``live``, a URL or a camera device (see :func:`ffmpeg_source`). With ``display``
+    (width, height) the video is decoded at that size, handed back with the labels, and squeezed for the model.
     """
     window = window or stream_model.window
     sample_rate = stream_model.sample_rate
@@ -189,74 +297,75 @@ def stream_labels(
         raise EtesvsError(f"window {window} is not a multiple of the model's sample rate {sample_rate}")
     model = stream_model.model
     device = next(model.parameters()).device
-    mean = torch.tensor(stream_model.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(stream_model.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    frames_per_window = window // sample_rate
-    size = stream_model.image_size
-    state = None
-    start = 0
-    chunks = read_frames(video, fps=fps or stream_model.fps, image_size=size, chunk=window, live=live)
+    normalize = _Normalizer(stream_model, device, window // sample_rate)
+    size = None if display else stream_model.image_size
+    chunks = read_ahead(read_frames(video, fps=fps or stream_model.fps, image_size=size, frame_size=display,
+                                    chunk=window, live=live))  # fmt: skip
+    state, start = None, 0
     for index, chunk in enumerate(chunks):
-        count = len(chunk)
-        fed = torch.from_numpy(chunk[::sample_rate]).to(device)  # (n', S, S, 3) uint8
-        fed = fed.permute(0, 3, 1, 2)  # (n', S, S, 3) -> (n', 3, S, S)
-        fed = fed.to(torch.float32).div_(255.0).sub_(mean).div_(std)
-        frames = torch.zeros(1, frames_per_window, 3, size, size, device=device)
-        frames[0, : len(fed)] = fed
-        mask = torch.zeros(1, frames_per_window, dtype=torch.bool, device=device)
-        mask[0, : len(fed)] = True
-        reset = torch.tensor([index == 0], device=device)
-        outputs, state = model(frames, mask, state, reset)
-        predicted = outputs["head_logits"][0].argmax(dim=0).cpu()  # (C, T') -> (T',)
-        labels = predicted[torch.arange(count) // sample_rate].numpy().astype(np.int64)  # back to every frame
-        yield WindowLabels(index=index, start=start, labels=labels)
-        start += count
+        frames, mask = normalize(chunk[::sample_rate])
+        outputs, state = model(frames, mask, state, torch.tensor([index == 0], device=device))
+        probabilities = torch.softmax(outputs["head_logits"][0].float(), dim=0)  # (C, T')
+        confidence, predicted = probabilities.max(dim=0)  # (T',) each
+        every = torch.arange(len(chunk)) // sample_rate  # full-rate frame -> its fed frame
+        yield WindowLabels(index=index, start=start, labels=predicted.cpu()[every].numpy().astype(np.int64),
+                           confidence=confidence.cpu()[every].numpy(), frames=chunk if display else None)
+        start += len(chunk)
 
 
 class SegmentTracker:
-    """Turns a stream of per-frame labels into segments, each reported once it can no longer grow."""
+    """Turns a stream of per-frame labels into segments, each reported once it can no longer grow.
+
+    A segment is ``(label, start, end, confidence)``: frames ``[start, end)`` and the mean probability of its
+    label over them.
+    """
 
     def __init__(self) -> None:
         self.label: int | None = None
         self.start = 0
         self.end = 0
+        self.score = 0.0  # sum of the current segment's confidences
 
-    def update(self, start: int, labels: np.ndarray) -> list[tuple[int, int, int]]:
-        """Add the labels of frames ``start ..``; returns the segments ``(label, start, end)`` that ended."""
+    def update(self, start: int, labels: np.ndarray, confidence: np.ndarray) -> list[tuple[int, int, int, float]]:
+        """Add the labels (and their confidences) of frames ``start ..``; returns the segments that ended."""
         finished = []
-        labels = np.asarray(labels)
+        labels, confidence = np.asarray(labels), np.asarray(confidence, dtype=np.float64)
         if len(labels) == 0:
             return finished
-        changes = np.flatnonzero(labels[1:] != labels[:-1]) + 1  # positions where a new run starts
-        run_starts = np.concatenate([[0], changes])
-        for run_start in run_starts:
+        run_starts = np.concatenate([[0], np.flatnonzero(labels[1:] != labels[:-1]) + 1])  # where runs begin
+        run_ends = np.append(run_starts[1:], len(labels))
+        for run_start, run_end in zip(run_starts.tolist(), run_ends.tolist()):
             label = int(labels[run_start])
             if self.label is not None and label != self.label:
-                finished.append((self.label, self.start, start + int(run_start)))
-                self.start = start + int(run_start)
-            elif self.label is None:
-                self.start = start + int(run_start)
-            self.label = label
+                finished.append(self._close(start + run_start))
+            if self.label is None or label != self.label:
+                self.label, self.start, self.score = label, start + run_start, 0.0
+            self.score += float(confidence[run_start:run_end].sum())
         self.end = start + len(labels)
         return finished
 
-    def finish(self) -> list[tuple[int, int, int]]:
+    def _close(self, end: int) -> tuple[int, int, int, float]:
+        return self.label, self.start, end, self.score / max(end - self.start, 1)
+
+    def finish(self) -> list[tuple[int, int, int, float]]:
         """The last segment (at the end of the stream)."""
         if self.label is None:
             return []
-        segment = (self.label, self.start, self.end)
+        segment = self._close(self.end)
         self.label = None
         return [segment]
 
 
-def segment_record(segment: tuple[int, int, int], classes: Sequence[str], fps: float) -> dict:
-    label, start, end = segment
+def segment_record(segment: tuple[int, int, int, float], classes: Sequence[str], fps: float) -> dict:
+    """A segment as it is printed: its label, frames, times and confidence (mean probability of its label)."""
+    label, start, end, confidence = segment
     return {
         "label": classes[label],
         "start_frame": start,
         "end_frame": end,
         "start_time": round(start / fps, 3),
         "end_time": round(end / fps, 3),
+        "confidence": round(confidence, 4),
     }
 
 
@@ -301,11 +410,43 @@ def _emit(stream: IO[str], record: dict) -> None:
     stream.flush()
 
 
+@contextlib.contextmanager
+def _text_file(path: Path | None) -> Iterator[IO[str]]:
+    """A text file written to a temporary path and renamed onto ``path`` when the block succeeds; an anonymous
+    temporary file for None."""
+    if path is None:
+        with tempfile.TemporaryFile("w+", encoding="utf-8") as handle:
+            yield handle
+        return
+    with atomic_path(path) as tmp, open(tmp, "w+", encoding="utf-8") as handle:
+        yield handle
+
+
+def _emit_video_line(stdout: IO[str], spool: IO[str], *, video: str, frames: int, fps: float) -> None:
+    """The last line: every segment of the video, copied from the spool without holding them all in memory."""
+    spool.flush()
+    spool.seek(0)
+    stdout.write(json.dumps({"event": "video", "video": video, "num_frames": frames, "fps": fps})[:-1])
+    stdout.write(', "segments": [')
+    for number, line in enumerate(spool):
+        stdout.write((", " if number else "") + line.rstrip("\n"))
+    stdout.write("]}\n")
+    stdout.flush()
+
+
+def _overlay_writer(path: Path, stream_model: StreamModel, *, size: tuple[int, int], fps: float) -> OverlayWriter:
+    from etesvs.viz import class_colors
+
+    colors = (class_colors(len(stream_model.classes), stream_model.background_ids)[:, :3] * 255).round()
+    return OverlayWriter(path, width=size[0], height=size[1], fps=fps, classes=stream_model.classes, colors=colors)
+
+
 def run_stream(
     stream_model: StreamModel,
     video: str | Path,
     *,
     out_dir: str | Path | None = None,
+    overlay: str | Path | None = None,
     window: int | None = None,
     fps: float | None = None,
     print_windows: bool = False,
@@ -317,69 +458,59 @@ def run_stream(
 
     ``video`` is a file name; with ``live``, a URL or a camera device (see :func:`ffmpeg_source`). ``out_dir``
     must be new, empty or an earlier ``--out`` of this command (see :func:`etesvs.io.claim_output_dir`; ``inputs``,
-    such as the checkpoint, must stay outside it). Returns a small summary (frames, segments, windows) without
-    the labels themselves.
+    such as the checkpoint, must stay outside it); ``overlay`` is a video to write with the labels drawn on it.
+    Returns a small summary (frames, segments, windows) without the labels themselves.
     """
-    classes = stream_model.classes
-    rate = fps or stream_model.fps
-    tracker = SegmentTracker()
+    classes, rate = stream_model.classes, fps or stream_model.fps
+    sources = [*inputs, *([] if live else [video])]
     ffmpeg_source(video, live=live)  # a missing file or a bad --live source fails before anything is written
-    output = None
-    if out_dir is not None:
-        sources = [*inputs, *([] if live else [video])]
-        output = claim_output_dir(out_dir, owner="stream", inputs=sources)
-        output.expect(OUTPUT_FILES)
-    # With --out, labels and segments go to temporary files renamed into place at the end; without, the segments
-    # are spooled to an anonymous temporary file.
-    labels_context = atomic_path(output.file("labels.txt")) if output is not None else contextlib.nullcontext()
-    spool_context = atomic_path(output.file("segments.jsonl")) if output is not None else contextlib.nullcontext()
-    frames = windows = segments = 0
-    with labels_context as labels_tmp, spool_context as spool_tmp:
-        if spool_tmp is None:
-            spool = tempfile.TemporaryFile("w+", encoding="utf-8")
-        else:
-            spool = open(spool_tmp, "w+", encoding="utf-8")
-        labels_file = open(labels_tmp, "w", encoding="utf-8") if labels_tmp is not None else None
-        try:
-            def finished(found: list[tuple[int, int, int]]) -> None:
-                nonlocal segments
-                for segment in found:
-                    record = segment_record(segment, classes, rate)
-                    _emit(stdout, {"event": "segment", **record})
-                    spool.write(json.dumps(record) + "\n")
-                    segments += 1
-
-            for item in stream_labels(stream_model, video, window=window, fps=fps, live=live):
-                windows += 1
-                frames = item.start + len(item.labels)
-                if print_windows:
-                    _emit(stdout, {"event": "window", "window": item.index, "start_frame": item.start,
-                                   "end_frame": frames, "labels": [classes[i] for i in item.labels]})  # fmt: skip
-                if labels_file is not None:
-                    labels_file.write("".join(classes[i] + "\n" for i in item.labels))
-                finished(tracker.update(item.start, item.labels))
-            finished(tracker.finish())
-            # The last line: every segment of the video, copied from the spool without holding them all.
-            spool.flush()
-            spool.seek(0)
-            stdout.write(json.dumps({"event": "video", "video": str(video), "num_frames": frames, "fps": rate})[:-1])
-            stdout.write(', "segments": [')
-            for number, line in enumerate(spool):
-                stdout.write((", " if number else "") + line.rstrip("\n"))
-            stdout.write("]}\n")
-            stdout.flush()
-        finally:
-            spool.close()
-            if labels_file is not None:
-                labels_file.close()
+    output = claim_output_dir(out_dir, owner="stream", inputs=sources) if out_dir is not None else None
     if output is not None:
-        names = output.file("labels.txt").read_text(encoding="utf-8").splitlines()
-        index = {name: i for i, name in enumerate(classes)}
-        labels = np.fromiter((index[name] for name in names), dtype=np.int64, count=len(names))
-        title = str(video) if live else Path(video).name
-        save_label_bar(output.file("segments.png"), labels, classes=classes, fps=rate,
-                       background_ids=stream_model.background_ids, title=title)  # fmt: skip
-    return {"frames": frames, "segments": segments, "windows": windows}
+        output.expect(OUTPUT_FILES)
+    display = None
+    if overlay is not None:
+        check_output_file(overlay, inputs=sources)
+        display = display_size(*probe_frame_size(video, live=live))
+    tracker, counts = SegmentTracker(), {"frames": 0, "segments": 0, "windows": 0}
+    with contextlib.ExitStack() as stack:
+        spool = stack.enter_context(_text_file(output.file("segments.jsonl") if output else None))
+        labels_file = stack.enter_context(_text_file(output.file("labels.txt"))) if output else None
+        writer = (stack.enter_context(_overlay_writer(Path(overlay), stream_model, size=display, fps=rate))
+                  if overlay is not None else None)
+
+        def report(found: list[tuple[int, int, int, float]]) -> None:
+            for segment in found:
+                record = segment_record(segment, classes, rate)
+                _emit(stdout, {"event": "segment", **record})
+                spool.write(json.dumps(record) + "\n")
+                counts["segments"] += 1
+
+        for item in stream_labels(stream_model, video, window=window, fps=fps, live=live, display=display):
+            counts["windows"] += 1
+            counts["frames"] = item.start + len(item.labels)
+            if print_windows:
+                _emit(stdout, {"event": "window", "window": item.index, "start_frame": item.start,
+                               "end_frame": counts["frames"], "labels": [classes[i] for i in item.labels]})  # fmt: skip
+            if labels_file is not None:
+                labels_file.write("".join(classes[i] + "\n" for i in item.labels))
+            if writer is not None:
+                writer.write(item.frames, item.labels, item.confidence)
+            report(tracker.update(item.start, item.labels, item.confidence))
+        report(tracker.finish())
+        _emit_video_line(stdout, spool, video=str(video), frames=counts["frames"], fps=rate)
+    if output is not None:
+        _save_label_picture(output, stream_model, title=str(video) if live else Path(video).name, fps=rate)
+    return counts
+
+
+def _save_label_picture(output: Any, stream_model: StreamModel, *, title: str, fps: float) -> None:
+    """segments.png of ``--out`` from its labels.txt."""
+    classes = stream_model.classes
+    names = output.file("labels.txt").read_text(encoding="utf-8").splitlines()
+    index = {name: i for i, name in enumerate(classes)}
+    labels = np.fromiter((index[name] for name in names), dtype=np.int64, count=len(names))
+    save_label_bar(output.file("segments.png"), labels, classes=classes, fps=fps,
+                   background_ids=stream_model.background_ids, title=title)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -391,6 +522,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--window", type=int, default=None, help="frames per window (default: the model's)")
     parser.add_argument("--out", type=Path, default=None, help="directory for labels.txt, segments.jsonl, segments.png")
     parser.add_argument("--windows", action="store_true", help="also print every window's labels")
+    parser.add_argument("--overlay", type=Path, default=None,
+                        help="also write this video (MP4) with the current label and a timeline drawn on it")
     parser.add_argument("--live", action="store_true",
                         help="VIDEO is a live source: an rtsp/http/https/udp/tcp/rtmp/srt URL or a device such as "
                              "/dev/video0 (without it, VIDEO is always read as a file name)")  # fmt: skip
@@ -404,10 +537,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.window is not None and args.window < 1:
         raise EtesvsError(f"--window must be positive (got {args.window})")
     stream_model = load_stream_model(args.checkpoint, device=args.device)
-    summary = run_stream(stream_model, args.video, out_dir=args.out, window=args.window, fps=args.fps,
-                         print_windows=args.windows, live=args.live, inputs=[args.checkpoint])  # fmt: skip
+    summary = run_stream(stream_model, args.video, out_dir=args.out, overlay=args.overlay, window=args.window,
+                         fps=args.fps, print_windows=args.windows, live=args.live, inputs=[args.checkpoint])
     print(f"stream: {summary['frames']} frames, {summary['windows']} windows, {summary['segments']} segments"
-          + (f" -> {args.out}" if args.out else ""), file=sys.stderr)  # fmt: skip
+          + (f" -> {args.out}" if args.out else "") + (f", {args.overlay}" if args.overlay else ""),
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -40,12 +40,13 @@ def make_checkpoint(
     return path
 
 
-def test_segment_tracker_reports_segments_once_final():
+def test_segment_tracker_reports_segments_once_final_with_their_mean_confidence():
     tracker = SegmentTracker()
-    assert tracker.update(0, np.array([0, 0, 1])) == [(0, 0, 2)]
-    assert tracker.update(3, np.array([1, 1, 1])) == []
-    assert tracker.update(6, np.array([2, 0])) == [(1, 2, 6), (2, 6, 7)]
-    assert tracker.finish() == [(0, 7, 8)]
+    assert tracker.update(0, np.array([0, 0, 1]), np.array([0.5, 0.7, 0.9])) == [(0, 0, 2, pytest.approx(0.6))]
+    assert tracker.update(3, np.array([1, 1, 1]), np.array([0.5, 0.5, 0.5])) == []
+    assert tracker.update(6, np.array([2, 0]), np.array([1.0, 0.4])) == [(1, 2, 6, pytest.approx(0.6)),
+                                                                        (2, 6, 7, pytest.approx(1.0))]
+    assert tracker.finish() == [(0, 7, 8, pytest.approx(0.4))]
     assert tracker.finish() == []
 
 
@@ -73,6 +74,38 @@ def test_stream_a_real_video(tmp_path, shared_data):
         assert set(labels[segment["start_frame"] : segment["end_frame"]]) == {segment["label"]}
     assert (tmp_path / "out" / "segments.png").read_bytes()[:4] == b"\x89PNG"
     assert len((tmp_path / "out" / "segments.jsonl").read_text().splitlines()) == len(segments)
+    assert all(1.0 / len(CLASSES) <= segment["confidence"] <= 1.0 for segment in segments)
+
+
+def run_frames(video, fps, size):
+    from etesvs.stream import read_frames
+
+    return (chunk.astype(int) for chunk in read_frames(video, fps=fps, frame_size=size, chunk=1))
+
+
+def test_overlay_writes_the_video_with_labels_drawn(tmp_path, shared_data):
+    import imageio_ffmpeg
+
+    from etesvs.stream import probe_frame_size
+    from etesvs.viz import class_colors
+
+    video = shared_data / "videos" / "mmaction2-demo.mp4"  # 340 x 256, 28 fps
+    assert probe_frame_size(video) == (340, 256)
+    model = load_stream_model(make_checkpoint(tmp_path / "model.pt"))
+    lines = io.StringIO()
+    summary = run_stream(model, video, overlay=tmp_path / "overlay.mp4", stdout=lines)
+    reader = imageio_ffmpeg.read_frames(str(tmp_path / "overlay.mp4"))
+    assert tuple(next(reader)["size"]) == (340, 256)
+    frames = [np.frombuffer(frame, np.uint8).reshape(256, 340, 3).astype(int) for frame in reader]
+    assert len(frames) == summary["frames"]
+    # The timeline along the bottom shows the colour of the last frames' label (here every frame's label).
+    label = json.loads(lines.getvalue().splitlines()[-1])["segments"][-1]["label"]
+    colour = class_colors(len(CLASSES), [0])[CLASSES.index(label), :3] * 255
+    assert np.abs(frames[-1][-3:, 10:-10].mean(axis=(0, 1)) - colour).max() < 20
+    # The label box top-left covers the picture there: it differs from the video itself.
+    source = next(iter(run_frames(video, 15.0, (340, 256))))
+    assert np.abs(frames[0][8:22, 10:80] - source[0][8:22, 10:80]).mean() > 30
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".overlay")], "no temporary file left"
 
 
 def test_stream_cli_on_an_mkv(tmp_path, shared_data):

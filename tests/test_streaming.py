@@ -373,3 +373,25 @@ def test_two_gloo_processes_match_one(tmp_path, default_params):
             mismatched += int(((a - two["model"][name]).abs() > 1e-5).sum())
             total += a.numel()
     assert mismatched <= 1e-3 * total, f"{mismatched} of {total} weights differ"
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+@pytest.mark.parametrize("shift", [False, True])
+def test_prepared_for_inference_gives_the_same_outputs(norm, shift):
+    from etesvs.models.streaming import prepare_for_inference
+
+    model = tiny_model(norm=norm, temporal_shift=shift).eval()
+    with torch.no_grad():  # BatchNorm statistics that are not the identity, so that folding them is tested
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    frames, mask = torch.randn(2, 5, 3, 32, 32), torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3:] = False
+    with torch.inference_mode():
+        expected, _ = model(frames, mask)
+        prepared = prepare_for_inference(copy.deepcopy(model))
+        got, _ = prepared(frames, mask)
+    assert prepared.channels_last and not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.modules())
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=1e-4)

@@ -75,14 +75,16 @@ def temporal_shift(x: torch.Tensor, num_frames: int, divisor: int) -> torch.Tens
     Returns:
         Same shape; channels [0, C/d) of frame t come from frame t - 1, channels [C/d, 2C/d) from frame t + 1.
     """
-    total, channels, height, width = x.shape
-    clips = x.view(total // num_frames, num_frames, channels, height, width)  # (N*T, C, H, W) -> (N, T, C, H, W)
+    total, channels = x.shape[:2]
+    clips = x.unflatten(0, (total // num_frames, num_frames))  # (N*T, C, H, W) -> (N, T, C, H, W), any memory format
     fold = channels // divisor
-    zeros = clips.new_zeros(clips.shape[0], 1, fold, height, width)
-    from_past = torch.cat([zeros, clips[:, :-1, :fold]], dim=1)
-    from_future = torch.cat([clips[:, 1:, fold : 2 * fold], zeros], dim=1)
-    shifted = torch.cat([from_past, from_future, clips[:, :, 2 * fold :]], dim=2)
-    return shifted.view(total, channels, height, width)  # (N, T, C, H, W) -> (N*T, C, H, W)
+    shifted = torch.empty_like(clips)
+    shifted[:, 1:, :fold] = clips[:, :-1, :fold]
+    shifted[:, :1, :fold] = 0
+    shifted[:, :-1, fold : 2 * fold] = clips[:, 1:, fold : 2 * fold]
+    shifted[:, -1:, fold : 2 * fold] = 0
+    shifted[:, :, 2 * fold :] = clips[:, :, 2 * fold :]
+    return shifted.flatten(0, 1)  # (N, T, C, H, W) -> (N*T, C, H, W)
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -160,6 +162,7 @@ class StreamingSegmenter(nn.Module):
         self.backbone = mobilenet.features
         self.temporal_shift = temporal_shift
         self.shift_divisor = shift_divisor
+        self.channels_last = False  # see prepare_for_inference
         self.causal = head == "causal_tcn"
         backbone_channels = self.backbone[-1].out_channels
         self.backbone_classifier = nn.Linear(backbone_channels, num_classes)
@@ -180,7 +183,7 @@ class StreamingSegmenter(nn.Module):
 
     def backbone_features(self, frames: torch.Tensor, num_frames: int) -> torch.Tensor:
         """MobileNetV2 features of clips of ``num_frames`` frames: (N * T, 3, H, W) -> (N * T, 1280, H/32, W/32)."""
-        x = frames
+        x = frames.contiguous(memory_format=torch.channels_last) if self.channels_last else frames
         for layer in self.backbone:
             if self.temporal_shift and isinstance(layer, InvertedResidual) and layer.use_res_connect:
                 # TSM's residual shift: the shortcut keeps the frame's own features, the branch mixes in its neighbours.
@@ -201,16 +204,19 @@ class StreamingSegmenter(nn.Module):
         """Backbone features (B, T, 1280, h, w) of a window's frames, and the window-mean backbone logits (B, C)."""
         batch_size, num_frames = frames.shape[:2]
         # Whatever a padding frame holds must not reach the real frames (through the temporal shift).
-        frames = frames * mask[:, :, None, None, None].to(frames.dtype)
+        if not bool(mask.all()):
+            frames = frames * mask[:, :, None, None, None].to(frames.dtype)
         # Rows whose video has ended carry no frame: skip their backbone pass. At least one row always runs, so
         # that every parameter takes part in the graph (DistributedDataParallel needs that on every rank).
         rows = mask.any(dim=1).nonzero().squeeze(1)
         if rows.numel() == 0:
             rows = torch.zeros(1, dtype=torch.long, device=frames.device)
-        active = frames.index_select(0, rows).flatten(0, 1)  # (B', T, 3, H, W) -> (B' * T, 3, H, W)
-        features = self.backbone_features(active, num_frames)
-        features = features.view(len(rows), num_frames, *features.shape[1:])  # (B'*T, ...) -> (B', T, ...)
-        features = features.new_zeros(batch_size, *features.shape[1:]).index_copy(0, rows, features)
+        every_row = rows.numel() == batch_size
+        active = frames if every_row else frames.index_select(0, rows)
+        features = self.backbone_features(active.flatten(0, 1), num_frames)  # (B' * T, 3, H, W) -> (B' * T, C, h, w)
+        features = features.unflatten(0, (len(rows), num_frames))  # (B'*T, ...) -> (B', T, ...)
+        if not every_row:
+            features = features.new_zeros(batch_size, *features.shape[1:]).index_copy(0, rows, features)
         frame_mask = mask.to(features.dtype)
         frame_scores = self.backbone_classifier(features.mean(dim=(3, 4)))  # (B, T, 1280, h, w) -> (B, T, C)
         valid_counts = frame_mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # (B, 1)
@@ -265,7 +271,7 @@ class StreamingSegmenter(nn.Module):
         mask = mask.to(torch.bool)
         features, backbone_logits = self._backbone_pass(frames, mask)
         reduced = self.reduce(features.flatten(0, 1))  # (B*T, 1280, h, w) -> (B*T, M, h, w)
-        reduced = reduced.view(batch_size, num_frames, *reduced.shape[1:])  # (B*T, M, h, w) -> (B, T, M, h, w)
+        reduced = reduced.unflatten(0, (batch_size, num_frames))  # (B*T, M, h, w) -> (B, T, M, h, w)
         if state is None:
             state = self.initial_state(batch_size, tuple(features.shape[3:]), device=frames.device, dtype=reduced.dtype)
         state = state.detach()
@@ -325,6 +331,28 @@ def load_pretrained_backbone(model: StreamingSegmenter, source: str) -> str:
             f"{first[0].strip()}"
         ) from None
     return origin
+
+
+def prepare_for_inference(model: StreamingSegmenter) -> StreamingSegmenter:
+    """Make ``model`` faster for inference, in place, and return it (in eval mode).
+
+    Every BatchNorm that follows a convolution is folded into it (its running statistics become the convolution's
+    weights and bias), and the network runs channels-last, which oneDNN and cuDNN convolve faster. The outputs
+    equal those of the model in eval mode up to rounding. Not for training: the folded statistics are frozen.
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, nn.Sequential):
+            children = list(module.named_children())
+            for (conv_name, conv), (norm_name, norm) in zip(children, children[1:]):
+                if isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d):
+                    setattr(module, conv_name, fuse_conv_bn_eval(conv, norm))
+                    setattr(module, norm_name, nn.Identity())
+    model.to(memory_format=torch.channels_last)
+    model.channels_last = True
+    return model
 
 
 class WindowLogits(nn.Module):
