@@ -173,6 +173,7 @@ def test_optimiser_and_schedule_come_from_the_train_section():
     rates = []
     for _ in range(4):
         rates.append(sgd.param_groups[0]["lr"])
+        sgd.step()  # an epoch's updates, then the schedule's step (as fit does)
         steps.step()
     assert rates == pytest.approx([0.1, 0.1, 0.01, 0.001])
     assert build_scheduler(sgd, {"scheduler": "none"}, where="p") is None
