@@ -204,6 +204,29 @@ def test_pretrained_weights_from_a_file(tmp_path):
         load_pretrained_backbone(model, str(tmp_path / "missing.pth"))
 
 
+def test_mmaction_tsm_checkpoints_load_by_order_and_shape(tmp_path):
+    """The ETESVS authors' weights (mmcls / mmaction2 layout: backbone.conv1.conv.weight, backbone.layer1.0...)."""
+    import torchvision
+
+    source = torchvision.models.mobilenet_v2(weights=None, width_mult=0.35)
+    tensors = list(source.features.state_dict().items())
+    # Names in the mmcls style; what matters is that the tensors come in the same order as torchvision's.
+    state = {f"backbone.block{i // 6}.part{i % 6}.{key.rsplit('.', 1)[1]}": value
+             for i, (key, value) in enumerate(tensors)}
+    state["cls_head.fc_cls.weight"] = torch.zeros(400, 1280)
+    path = tmp_path / "tsm_mobilenetv2_kinetics400.pth"
+    torch.save({"state_dict": state, "meta": {"epoch": 100}}, path)
+    model = tiny_model()
+    assert load_pretrained_backbone(model, str(path)) == str(path)
+    for (key, expected), got in zip(tensors, model.backbone.state_dict().values()):
+        torch.testing.assert_close(got, expected, msg=key)
+    with pytest.raises(EtesvsError, match="has shape .* where the backbone's .* has"):
+        load_pretrained_backbone(tiny_model(width_mult=0.5), str(path))
+    torch.save({"conv.weight": torch.zeros(2)}, path)
+    with pytest.raises(EtesvsError, match="neither 'features.[*]' .* nor 'backbone.[*]'"):
+        load_pretrained_backbone(model, str(path))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Windows
 

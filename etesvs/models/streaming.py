@@ -291,13 +291,39 @@ class StreamingSegmenter(nn.Module):
         return outputs, StreamState(hidden, cell, cache_inputs, cache_mask).detach()
 
 
+def _backbone_tensors(state: dict, source: str, model: StreamingSegmenter) -> dict:
+    """The MobileNetV2 ``features`` tensors of a state dict, named as ``model.backbone`` names them.
+
+    torchvision's layout (``features.*``) is taken by name. mmcls / mmaction2 MobileNetV2 and TSM checkpoints (the
+    ETESVS authors' ImageNet and Kinetics weights, ``backbone.*``) hold the same tensors in the same order, so they
+    are taken by order, every shape checked. Other keys (classifier, cls_head) are ignored.
+    """
+    features = {key.removeprefix("features."): value for key, value in state.items() if key.startswith("features.")}
+    if features:
+        return features
+    theirs = [(key, value) for key, value in state.items() if key.startswith("backbone.")]
+    ours = list(model.backbone.state_dict().items())
+    if not theirs:
+        raise EtesvsError(f"{source}: neither 'features.*' (torchvision) nor 'backbone.*' (mmcls, mmaction2) keys: "
+                          "not a MobileNetV2 state dict")
+    if len(theirs) != len(ours):
+        raise EtesvsError(f"{source}: {len(theirs)} backbone tensors, the MobileNetV2 backbone has {len(ours)} "
+                          "(ImageNet weights need width_mult 1.0 and norm 'batch')")
+    for (their_key, value), (our_key, expected) in zip(theirs, ours):
+        if tuple(value.shape) != tuple(expected.shape):
+            raise EtesvsError(f"{source}: {their_key} has shape {tuple(value.shape)} where the backbone's {our_key} "
+                              f"has {tuple(expected.shape)} (ImageNet weights need width_mult 1.0 and norm 'batch')")
+    return {our_key: value for (our_key, _), (_, value) in zip(ours, theirs)}
+
+
 def load_pretrained_backbone(model: StreamingSegmenter, source: str) -> str:
-    """Load ImageNet weights into ``model.backbone``; returns a description of where they came from.
+    """Load pretrained weights into ``model.backbone``; returns a description of where they came from.
 
     ``source`` is ``""`` (keep the random initialisation), ``"torchvision"`` (torchvision's
-    ``MobileNet_V2_Weights.IMAGENET1K_V1``, downloaded once into torch's cache) or the path of a torchvision
-    MobileNetV2 state dict (keys ``features.*``; other keys such as ``classifier.*`` are ignored), read with
-    :func:`etesvs.io.load_weights_file` (plain weights only). Raises :class:`EtesvsError` when the weights can't be had or don't fit.
+    ``MobileNet_V2_Weights.IMAGENET1K_V1``, downloaded once into torch's cache) or the path of a MobileNetV2 state
+    dict: torchvision's (``features.*``), or an mmcls / mmaction2 MobileNetV2 or TSM checkpoint (``backbone.*``, see
+    :func:`_backbone_tensors`), read with :func:`etesvs.io.load_weights_file` (plain weights only). Raises
+    :class:`EtesvsError` when the weights can't be had or don't fit.
     """
     if not source:
         return "random initialisation"
@@ -312,18 +338,14 @@ def load_pretrained_backbone(model: StreamingSegmenter, source: str) -> str:
             ) from None
         origin = f"torchvision {weights}"
     else:
-        path = Path(source)
-        state = load_weights_file(path, what="MobileNetV2 weights file")
+        state = load_weights_file(Path(source), what="MobileNetV2 weights file")
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
-        origin = str(path)
+        origin = str(source)
     if not isinstance(state, dict):
         raise EtesvsError(f"{source}: pretrained weights are not a state dict")
-    features = {key.removeprefix("features."): value for key, value in state.items() if key.startswith("features.")}
-    if not features:
-        raise EtesvsError(f"{source}: no 'features.*' keys, not a torchvision MobileNetV2 state dict")
     try:
-        model.backbone.load_state_dict(features, strict=True)
+        model.backbone.load_state_dict(_backbone_tensors(state, source, model), strict=True)
     except RuntimeError as error:
         first = str(error).strip().splitlines()[1:2] or [str(error)]
         raise EtesvsError(
