@@ -30,6 +30,7 @@ from etesvs.data.windows import IMAGENET_MEAN, IMAGENET_STD
 from etesvs.io import ffmpeg_file_output, read_yaml
 from etesvs.models.streaming import StreamingSegmenter, prepare_for_inference
 from etesvs.params import compose
+from etesvs.stream import default_threads
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 11
@@ -110,7 +111,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", default="etesvs_gtea", help="conf/experiment/NAME.yaml ('' for params.yaml)")
     parser.add_argument("--seconds", type=float, default=60.0, help="length of the test video")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=default_threads(),
+                        help="torch threads of both (default as etesvs.stream: all cores but one, for ffmpeg)")
     parser.add_argument("--memory", action="store_true", help="also stream a 10x longer video and compare memory")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -513,6 +514,11 @@ def _save_label_picture(output: Any, stream_model: StreamModel, *, title: str, f
                    background_ids=stream_model.background_ids, title=title)  # fmt: skip
 
 
+def default_threads() -> int:
+    """Torch threads for streaming: every core but one, left to ffmpeg, which decodes while the model labels."""
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m etesvs.stream", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -528,7 +534,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="VIDEO is a live source: an rtsp/http/https/udp/tcp/rtmp/srt URL or a device such as "
                              "/dev/video0 (without it, VIDEO is always read as a file name)")  # fmt: skip
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=default_threads(),
+                        help="torch CPU threads (default: all cores but one, which ffmpeg decodes on)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
