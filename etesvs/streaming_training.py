@@ -38,6 +38,7 @@ from etesvs.models.streaming import StreamingSegmenter, WindowLogits, load_pretr
 from etesvs.params import call_with
 from etesvs.profiling import count_flops, count_parameters
 from etesvs.training import (
+    segmentation_validation,
     RunPaths,
     autocast,
     build_optimizer,
@@ -299,10 +300,11 @@ def train_streaming(
     metadata = {"model_name": MODEL_NAME, "classes": list(info.classes), "background_ids": list(info.background_ids),
                 "fps": info.fps, "normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
                 "backbone_pretrained": bool(section["pretrained"]), "pretrained_source": origin, **windows}
+    validate = segmentation_validation(
+        predict_videos, {video: load_labels(labels_dir, video) for video in val_videos}, info.background_ids)
     result = fit(
-        name=MODEL_NAME, model=model, optimizer=optimizer, train_one_epoch=one_epoch, predict=predict_videos,
-        val_labels={video: load_labels(labels_dir, video) for video in val_videos},
-        background_ids=info.background_ids, epochs=train["epochs"], seed=seed, paths=paths,
+        name=MODEL_NAME, model=model, optimizer=optimizer, train_one_epoch=one_epoch, validate=validate,
+        epochs=train["epochs"], seed=seed, paths=paths,
         fingerprint=run_fingerprint(config), model_args=model_args, metadata=metadata, dist=dist, scaler=scaler,
         scheduler=scheduler,
         inputs=[frames_dir, labels_dir],

@@ -26,6 +26,7 @@ from etesvs.models.registry import temporal_model
 from etesvs.params import call_with
 from etesvs.profiling import count_flops, count_parameters
 from etesvs.training import (
+    segmentation_validation,
     RunPaths,
     autocast,
     file_identity,
@@ -233,11 +234,11 @@ def train_temporal(
               "train": {k: v for k, v in train.items() if k not in ("epochs", "num_workers", "num_threads")},
               "sample_rate": sample_rate, "videos": [train_videos, val_videos], "world_size": dist.world_size,
               "inputs": file_identity([features_file, labels_dir / "labels.h5"])}
+    validate = segmentation_validation(
+        predict_videos, {video: load_labels(labels_dir, video) for video in val_videos}, info.background_ids)
     result = fit(
         name=name, model=model, optimizer=optimizer, scheduler=scheduler, train_one_epoch=one_epoch,
-        predict=predict_videos,
-        val_labels={video: load_labels(labels_dir, video) for video in val_videos},
-        background_ids=info.background_ids, epochs=train["epochs"], seed=seed, paths=paths,
+        validate=validate, epochs=train["epochs"], seed=seed, paths=paths,
         fingerprint=run_fingerprint(config), model_args=model_args, dist=dist, scaler=scaler,
         inputs=[features_file, labels_dir],
         metadata={"model_name": name, "classes": list(info.classes), "background_ids": list(info.background_ids),

@@ -48,6 +48,7 @@ AMP_MODES = ("auto", "off", "bf16")
 
 TrainOneEpoch = Callable[[int], dict[str, float]]
 Predict = Callable[[nn.Module, Sequence[str]], dict[str, np.ndarray]]
+Validate = Callable[[nn.Module], dict[str, float]]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -165,6 +166,15 @@ def validation_scores(
     return {"acc": scores.accuracy, "edit": scores.edit, "f1_50": scores.f1[0.5]}
 
 
+def segmentation_validation(predict: Predict, val_labels: dict[str, np.ndarray], background_ids: Sequence[int]
+                            ) -> Validate | None:
+    """The validation of a segmentation model: :func:`validation_scores` of ``predict`` on the held-out videos
+    ``val_labels`` (their ids and frame labels); None without held-out videos."""
+    if not val_labels:
+        return None
+    return lambda model: validation_scores(predict(model, sorted(val_labels)), val_labels, background_ids)
+
+
 def selection_score(scores: dict[str, float]) -> float:
     """The score that picks the best epoch: the mean of validation accuracy, Edit and F1@50.
 
@@ -265,8 +275,8 @@ def _log_tensorboard(writer: Any, row: dict[str, Any]) -> None:
 
 
 def _epoch_line(name: str, row: dict[str, Any], epochs: int, improved: bool) -> str:
-    val = (f", val acc {row['val_acc']:.1f} edit {row['val_edit']:.1f} F1@50 {row['val_f1_50']:.1f}"
-           if "val_acc" in row else "")
+    scores = [f"{key[4:]} {value:.1f}" for key, value in row.items() if key.startswith("val_")]
+    val = f", val {' '.join(scores)}" if scores else ""
     return (f"{name} epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f}{val} "
             f"({row['seconds']:.0f} s){' *' if improved else ''}")
 
@@ -356,18 +366,17 @@ def _start(name: str, paths: RunPaths, fingerprint: str, *, model: nn.Module, op
     return _Run(history=[], best={"epoch": 0, "score": -math.inf}, start_epoch=1)
 
 
-def _end_epoch(run: _Run, row: dict[str, Any], *, model: nn.Module, optimizer: Any, predict: Predict,
-               val_labels: dict[str, np.ndarray], background_ids: Sequence[int], paths: RunPaths,
-               checkpoint: dict[str, Any]) -> bool:
+def _end_epoch(run: _Run, row: dict[str, Any], *, model: nn.Module, optimizer: Any, validate: Validate | None,
+               select: Callable[[dict[str, float]], float], paths: RunPaths, checkpoint: dict[str, Any]) -> bool:
     """On the main process: validate, append ``row`` to the history, write the checkpoints and the curves.
 
-    Returns whether the epoch is the best so far (by :func:`selection_score`; without validation videos the latest
-    epoch is the best).
+    Returns whether the epoch is the best so far (by ``select`` of the validation scores; without validation the
+    latest epoch is the best).
     """
-    if val_labels:
-        scores = validation_scores(predict(unwrap_model(model), sorted(val_labels)), val_labels, background_ids)
+    if validate is not None:
+        scores = validate(unwrap_model(model))
         row.update({f"val_{key}": value for key, value in scores.items()})
-        score = selection_score(scores)
+        score = select(scores)
     else:
         score = float(row["epoch"])
     run.history.append(row)
@@ -396,9 +405,7 @@ def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     train_one_epoch: TrainOneEpoch,
-    predict: Predict,
-    val_labels: dict[str, np.ndarray],
-    background_ids: Sequence[int],
+    validate: Validate | None,
     epochs: int,
     seed: int,
     paths: RunPaths,
@@ -408,14 +415,15 @@ def fit(
     dist: DistInfo,
     scheduler: Any = None,
     scaler: torch.amp.GradScaler | None = None,
+    select: Callable[[dict[str, float]], float] = selection_score,
     inputs: Sequence[str | os.PathLike] = (),
     log: Callable[[str], None] = print,
 ) -> RunResult:
     """Train for ``epochs`` epochs in all, resuming from ``last.pt`` when it belongs to this run.
 
-    After every epoch the main process validates on the held-out videos of ``val_labels`` (their ids and
-    labels), writes ``last.pt`` and, when :func:`selection_score` improves, ``best.pt`` (without ``val_labels``
-    the last epoch is the best), and updates the curves and TensorBoard. Checkpoints hold ``model_args`` and
+    After every epoch the main process validates (``validate(model)``: named scores, for segmentation models
+    :func:`segmentation_validation`), writes ``last.pt`` and, when ``select`` of the scores improves, ``best.pt``
+    (without validation the last epoch is the best), and updates the curves and TensorBoard. Checkpoints hold ``model_args`` and
     ``metadata`` (what a checkpoint needs to be used on its own: classes, frame rate, ...). ``scheduler`` steps
     once per epoch (ReduceLROnPlateau on the training loss). The output directories are claimed first (see
     :func:`claim_run_outputs`; ``inputs`` are what the run reads, never to be written over).
@@ -437,9 +445,8 @@ def fit(
                 checkpoint = dict(model_args=model_args, fingerprint=fingerprint, **metadata,
                                   scheduler=scheduler.state_dict() if scheduler is not None else None,
                                   scaler=scaler.state_dict() if scaler is not None else None)
-                improved = _end_epoch(run, row, model=model, optimizer=optimizer, predict=predict,
-                                      val_labels=val_labels, background_ids=background_ids, paths=paths,
-                                      checkpoint=checkpoint)
+                improved = _end_epoch(run, row, model=model, optimizer=optimizer, validate=validate,
+                                      select=select, paths=paths, checkpoint=checkpoint)
                 _log_tensorboard(writer, row)
                 log(_epoch_line(name, row, epochs, improved))
             barrier()

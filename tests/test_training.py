@@ -20,6 +20,7 @@ from etesvs.training import (
     hold_out,
     predict_test,
     run_fingerprint,
+    segmentation_validation,
     selection_score,
     write_curves,
 )
@@ -79,7 +80,7 @@ def _fit(root: Path, epochs: int, *, fingerprint: str = "same", messages: list |
     family.optimizer = torch.optim.SGD(family.model.parameters(), lr=0.1)
     result = fit(
         name="toy", model=family.model, optimizer=family.optimizer, train_one_epoch=family.train_one_epoch,
-        predict=family.predict, val_labels={v: labels[v] for v in ("v4", "v5")}, background_ids=[0],
+        validate=segmentation_validation(family.predict, {v: labels[v] for v in ("v4", "v5")}, [0]),
         epochs=epochs, seed=3, paths=_paths(root), fingerprint=fingerprint, model_args={"in": DIM},
         metadata={"classes": ["a", "b", "c"]}, dist=setup_distributed(),
         log=(messages.append if messages is not None else lambda line: None),
