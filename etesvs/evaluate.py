@@ -19,7 +19,7 @@ import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -266,6 +266,9 @@ def dvc_metrics(scores: Mapping[str, object], model_info: Mapping[str, object]) 
     metrics["params_m"] = round(params / 1e6, 3) if params else None
     metrics["mflops"] = round(flops / 1e6, 2) if flops else None
     metrics["pretrained"] = model_info.get("backbone_pretrained")
+    origin = model_info.get("weights_origin")
+    # the weights file's name (the full origin is in model.json): which backbone weights produced these scores
+    metrics["weights"] = Path(origin).name if isinstance(origin, str) and origin.endswith((".pt", ".pth")) else origin
     return metrics
 
 
@@ -392,10 +395,35 @@ def write_report(
     write_json(out_dir / "metrics.json", dict(metrics))
 
 
-def write_summary(metrics_files: Sequence[str | Path], out: str | Path) -> str:
-    """Write the summary table of ``reports/<model>/metrics.json`` files (model = the parent directory's name)."""
+def summary_caption(params: Mapping[str, Any]) -> str:
+    """What the summary table is, from the params of stage summarize: ``seed``, ``dataset.name``,
+    ``dataset.split``, ``demo.seed``, ``features.weights`` and ``streaming.pretrained``."""
+    dataset = params["dataset"]
+    if dataset["name"] == "demo":
+        data = (f"the embedded demo dataset (generated, demo seed {params['demo']['seed']}), split {dataset['split']} "
+                "(test videos: one held-out subject)")
+    else:
+        data = f"{dataset['name']}, split {dataset['split']}"
+    features = params["features"]["weights"] or "a randomly initialised I3D"
+    streaming = params["streaming"]["pretrained"] or "random initialisation"
+    text = (f"Test-split scores (%) on {data}; training seed {params['seed']}. The two-stage models (mstcn, asrf, "
+            f"asformer, frame_classifier) read frozen I3D features computed with {features}; etesvs is trained end "
+            f"to end from a MobileNetV2 initialised with {streaming}.")
+    if "_demo.pt" in f"{features} {streaming}":
+        text += (" The *_demo.pt weights are the demo's stand-ins for Kinetics / ImageNet weights: stages "
+                 "pretrain@i3d and pretrain@mobilenet_v2 train them on a generated corpus of motion clips "
+                 "(make_pretrain_data) that shares no look with the demo.")
+    return text + (" Params and FLOPs/frame (fvcore, per video frame) of a two-stage model include its I3D feature "
+                   "extractor; those of etesvs are its whole network (backbone, memory, head).")
+
+
+def write_summary(metrics_files: Sequence[str | Path], out: str | Path, *, caption: str = "") -> str:
+    """Write the summary table of ``reports/<model>/metrics.json`` files (model = the parent directory's name),
+    under ``caption``."""
     reports = {Path(path).parent.name: read_json(path) for path in metrics_files}
     text = summary_markdown(reports)
+    if caption:
+        text = f"{caption}\n\n{text}"
     with atomic_path(out) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return text

@@ -61,6 +61,7 @@ from etesvs.models.i3d import (
     TEMPORAL_CENTER_OFFSET,
     TEMPORAL_STRIDE,
     InceptionI3d,
+    checkpoint_width_mult,
     load_i3d_weights,
 )
 from etesvs.profiling import count_flops, count_parameters
@@ -82,7 +83,9 @@ class FeatureConfig:
         method: "window" or "chunked" (see the module docstring).
         batch_size: clips per forward pass (21-frame windows, or chunks of chunk_size + 2 * chunk_context).
         dtype: "float16" or "float32" in the HDF5 file.
-        crop_size: 0 for the full frame, else resize the short side to it and centre-crop a square.
+        crop_size: 0 for no crop, else centre-crop a square of this side (after resizing the short side).
+        short_side: resize the short side to it (aspect ratio kept) before the optional crop; 0: to ``crop_size``
+            when cropping, else keep the frame's size.
         window_size: frames per window (odd) for "window".
         chunk_size: frames per chunk (multiple of 8) for "chunked".
         chunk_context: extra frames on each side of a chunk (multiple of 8) for "chunked".
@@ -92,6 +95,7 @@ class FeatureConfig:
     batch_size: int
     dtype: str
     crop_size: int
+    short_side: int
     window_size: int
     chunk_size: int
     chunk_context: int
@@ -105,6 +109,10 @@ class FeatureConfig:
             raise EtesvsError(f"features.batch_size: must be at least 1, got {self.batch_size}")
         if self.crop_size < 0:
             raise EtesvsError(f"features.crop_size: must be positive, or 0 for the full frame, got {self.crop_size}")
+        if self.short_side < 0:
+            raise EtesvsError(f"features.short_side: must be positive, or 0 for no resize, got {self.short_side}")
+        if self.crop_size and self.short_side and self.crop_size > self.short_side:
+            raise EtesvsError(f"features.crop_size ({self.crop_size}) exceeds features.short_side ({self.short_side})")
         if self.window_size < 1 or self.window_size % 2 == 0:
             raise EtesvsError(f"features.window_size: must be odd, got {self.window_size}")
         for name in ("chunk_size", "chunk_context"):
@@ -128,11 +136,13 @@ def build_backbone(weights: str | os.PathLike | None, *, seed: int) -> Backbone:
     Without weights (None or "") the network is randomly initialised from ``seed`` and a warning says
     that the features are those of an untrained network (``backbone_pretrained: false``).
     """
-    model = InceptionI3d(in_channels=3, num_classes=None)
     if weights:
+        # Narrow demo networks keep the pytorch-i3d key layout; their width is read back from the file.
+        model = InceptionI3d(in_channels=3, num_classes=None, width_mult=checkpoint_width_mult(weights))
         weights_hash = load_i3d_weights(model, weights)
         pretrained = True
     else:
+        model = InceptionI3d(in_channels=3, num_classes=None)
         model.reset_parameters(torch.Generator().manual_seed(seed))
         weights_hash = f"random-init-seed{seed}"
         pretrained = False
@@ -175,7 +185,8 @@ def calibrate_batch_norm(
     for video in sorted(videos)[:num_clips]:
         with FrameReader(frames_path(frames_dir, video)) as reader:
             frames = read_clamped(reader, 0, clip_length)  # (T, 3, H, W) uint8, short videos padded
-        clips.append(preprocess(frames, crop_size=config.crop_size or None).permute(1, 0, 2, 3))  # -> (3, T, H, W)
+        frames = preprocess(frames, crop_size=config.crop_size or None, short_side=config.short_side or None)
+        clips.append(frames.permute(1, 0, 2, 3))  # (T, 3, H, W) -> (3, T, H, W)
     if len(clips) == 1:  # one batch of two, so that even a 1x1x1 map has two values per channel
         clips.append(clips[0].flip(-1))
     with torch.no_grad():
@@ -190,15 +201,19 @@ def calibrate_batch_norm(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def preprocess(frames: torch.Tensor, *, crop_size: int | None) -> torch.Tensor:
+def preprocess(frames: torch.Tensor, *, crop_size: int | None, short_side: int | None = None) -> torch.Tensor:
     """uint8 frames (T, 3, H, W) -> float32 (T, 3, H', W') in [-1, 1], as I3D was trained.
 
-    With ``crop_size`` the short side is resized to it (bilinear, antialiased) and a centred square cut.
+    The short side is resized (bilinear, antialiased) to ``short_side``, or to ``crop_size`` when only that is
+    given; with ``crop_size`` a centred square is then cut.
     """
     from torchvision.transforms.v2 import functional as TF
 
+    side = short_side if short_side is not None else crop_size
+    if side is not None and min(frames.shape[-2:]) != side:
+        frames = TF.resize(frames, [side], antialias=True)
     if crop_size is not None:
-        frames = TF.center_crop(TF.resize(frames, [crop_size], antialias=True), [crop_size, crop_size])
+        frames = TF.center_crop(frames, [crop_size, crop_size])
     return frames.float().mul_(2.0 / 255.0).sub_(1.0)
 
 
@@ -255,7 +270,7 @@ def window_features(
     for start in range(0, num_frames, config.batch_size):
         stop = min(start + config.batch_size, num_frames)
         span = read_clamped(reader, start - half, stop + half).to(device)  # (B + 2 * half, 3, H, W)
-        span = preprocess(span, crop_size=config.crop_size or None)
+        span = preprocess(span, crop_size=config.crop_size or None, short_side=config.short_side or None)
         # (B + 2h, 3, H, W) -> (B, 3, H, W, window) -> (B, 3, window, H, W)
         clips = span.unfold(0, config.window_size, 1).permute(0, 1, 4, 2, 3)
         yield _forward(model, clips).mean(dim=2).cpu()  # (B, 1024, 3) -> (B, 1024)
@@ -273,7 +288,9 @@ def chunked_features(
         clips = torch.stack([read_clamped(reader, s - context, s + size + context) for s in batch])
         clips = clips.to(device)  # (B, L + 2C, 3, H, W) uint8
         batch_size, length = clips.shape[:2]
-        clips = preprocess(clips.flatten(0, 1), crop_size=config.crop_size or None)  # (B * (L + 2C), 3, H', W')
+        # (B * (L + 2C), 3, H', W')
+        clips = preprocess(clips.flatten(0, 1), crop_size=config.crop_size or None,
+                           short_side=config.short_side or None)  # fmt: skip
         clips = clips.unflatten(0, (batch_size, length)).permute(0, 2, 1, 3, 4)  # (B, 3, L + 2C, H', W')
         steps = _forward(model, clips)  # (B, 1024, (L + 2C) / 8)
         frames = interpolate_to_frames(steps, context, size)  # (B, 1024, L)
@@ -300,8 +317,8 @@ def video_features(
             parts.append(block.numpy())
             if on_frames is not None:
                 on_frames(len(block))
-    features = np.concatenate(parts) if parts else np.zeros((0, FEATURE_DIM), np.float32)
-    if features.shape != (reader.num_frames, FEATURE_DIM):  # a bug, not a user error
+    features = np.concatenate(parts) if parts else np.zeros((0, model.feature_dim), np.float32)
+    if features.shape != (reader.num_frames, model.feature_dim):  # a bug, not a user error
         raise RuntimeError(f"{reader.path}: features {features.shape} for {reader.num_frames} frames")
     return features
 
@@ -314,6 +331,9 @@ def clip_flops(model: InceptionI3d, shape: Sequence[int]) -> float | None:
 
 def flops_per_frame(model: InceptionI3d, config: FeatureConfig, *, height: int, width: int) -> float | None:
     """I3D FLOPs spent per output frame by ``config.method`` on frames of ``height`` x ``width``."""
+    side = config.short_side or config.crop_size
+    if side:  # the short side resized to ``side``, as torchvision's resize rounds the long one
+        height, width = (side, int(side * width / height)) if height <= width else (int(side * height / width), side)
     if config.crop_size:
         height = width = config.crop_size
     if config.method == "window":
@@ -337,6 +357,7 @@ def store_header(backbone: Backbone, config: FeatureConfig) -> dict:
         "method": config.method,
         "dtype": config.dtype,
         "crop_size": config.crop_size,
+        "short_side": config.short_side,
         "window_size": config.window_size,
         "chunk_size": config.chunk_size,
         "chunk_context": config.chunk_context,
@@ -389,7 +410,9 @@ def open_partial(path: Path, header: dict) -> h5py.File:
     return handle
 
 
-def is_complete(handle: h5py.File, video: str, *, num_frames: int, fingerprint: str, dtype: str) -> bool:
+def is_complete(
+    handle: h5py.File, video: str, *, num_frames: int, fingerprint: str, dtype: str, feature_dim: int = FEATURE_DIM
+) -> bool:
     """True when ``handle`` holds a finished dataset for ``video`` made from the same frames."""
     try:
         if video not in handle or not isinstance(handle[video], h5py.Dataset):
@@ -397,7 +420,7 @@ def is_complete(handle: h5py.File, video: str, *, num_frames: int, fingerprint: 
         dataset = handle[video]
         return bool(
             dataset.attrs.get("complete", False)
-            and dataset.shape == (num_frames, FEATURE_DIM)
+            and dataset.shape == (num_frames, feature_dim)
             and dataset.dtype == np.dtype(dtype)
             and dataset.attrs.get("frames_source", "") == fingerprint
         )
@@ -482,7 +505,8 @@ def _extract_shard(
                     )
                 fingerprint = frames_fingerprint(reader.path, reader)
                 count = reader.num_frames
-                if is_complete(handle, video, num_frames=count, fingerprint=fingerprint, dtype=config.dtype):
+                if is_complete(handle, video, num_frames=count, fingerprint=fingerprint, dtype=config.dtype,
+                               feature_dim=backbone.model.feature_dim):  # fmt: skip
                     reused += 1
                 else:
                     todo.append((video, fingerprint, count))
@@ -618,6 +642,7 @@ def extract_dataset_features(
     with FrameReader(frames_path(frames_dir, videos[0])) as reader:
         flops = flops_per_frame(backbone.model, config, height=reader.height, width=reader.width)
     summary = feature_info(backbone, config=config, flops=flops, videos=len(videos))
+    summary["weights"] = str(weights) if weights else "random initialisation"
     write_json(output.file(INFO_FILE), summary)
     output.retain([FEATURES_FILE, INFO_FILE])  # the partial files of this and of earlier runs
     return summary, run_speed(stats)
@@ -632,7 +657,7 @@ def feature_info(backbone: Backbone, *, config: FeatureConfig, flops: float | No
     return {
         "extractor": EXTRACTOR,
         "method": config.method,
-        "feature_dim": FEATURE_DIM,
+        "feature_dim": backbone.model.feature_dim,
         "dtype": config.dtype,
         "backbone_pretrained": backbone.pretrained,
         "weights_hash": backbone.weights_hash,

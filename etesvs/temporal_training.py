@@ -149,7 +149,8 @@ def _describe(model: nn.Module, *, features_dir: Path, in_channels: int, sample_
         "extractor_flops_per_frame": extractor_flops,
         "backbone_pretrained": extractor.get("backbone_pretrained"),
         "feature_extractor": extractor.get("extractor"),
-        "weights_origin": extractor.get("weights_hash"),
+        "weights_origin": extractor.get("weights", extractor.get("weights_hash")),
+        "weights_hash": extractor.get("weights_hash"),
         **extra,
     }
 

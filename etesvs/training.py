@@ -66,6 +66,13 @@ def seed_everything(seed: int) -> torch.Generator:
     return generator
 
 
+def deterministic_algorithms() -> None:
+    """Ask torch for deterministic kernels (CPU results then depend only on the seed and the thread count, which
+    every stage fixes); ``warn_only``: CUDA kernels without a deterministic twin warn instead of failing."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+
+
 def seed_epoch(seed: int, epoch: int) -> None:
     """Seed torch's global generator for epoch ``epoch`` (dropout masks, random augmentation in the process).
 
@@ -430,6 +437,7 @@ def fit(
     """
     if dist.is_main:
         claim_run_outputs(name, paths, inputs=inputs)
+    deterministic_algorithms()
     run = _start(name, paths, fingerprint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                  dist=dist, log=log)
     writer = _tensorboard(name, paths, run.start_epoch) if dist.is_main else None

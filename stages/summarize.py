@@ -1,4 +1,6 @@
-"""Stage summarize: one Markdown table comparing the models' reports/<model>/metrics.json."""
+"""Stage summarize: one Markdown table comparing the models' reports/<model>/metrics.json, under a caption saying
+what the table is (params: ``seed``, ``dataset.name``, ``dataset.split``, ``demo.seed``, ``features.weights``,
+``streaming.pretrained``)."""
 
 from __future__ import annotations
 
@@ -6,8 +8,9 @@ import argparse
 from pathlib import Path
 
 from etesvs.errors import run_main
-from etesvs.evaluate import write_summary
+from etesvs.evaluate import summary_caption, write_summary
 from etesvs.io import check_output_file
+from etesvs.params import stage_params
 
 
 def main() -> None:
@@ -16,7 +19,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="Markdown file, e.g. reports/summary.md")
     args = parser.parse_args()
     check_output_file(args.out, inputs=args.metrics)
-    print(write_summary(args.metrics, args.out), end="")
+    caption = summary_caption(stage_params("summarize"))
+    print(write_summary(args.metrics, args.out, caption=caption), end="")
 
 
 if __name__ == "__main__":

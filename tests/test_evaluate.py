@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import os
 import subprocess
 import sys
@@ -320,7 +321,7 @@ def test_evaluate_stage_writes_metrics_tables_and_pictures(tmp_path):
         background_ids=[0],
         probabilities=probabilities,
     ).metrics()
-    assert set(metrics) == set(expected) | {"params_m", "mflops", "pretrained"}
+    assert set(metrics) == set(expected) | {"params_m", "mflops", "pretrained", "weights"}
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, abs=0.005)  # 2 decimals
     assert (metrics["params_m"], metrics["mflops"], metrics["pretrained"]) == (1.235, 2500.0, False)
@@ -372,6 +373,8 @@ def test_summary_table_and_stage(tmp_path):
     for model, metrics in reports.items():
         (tmp_path / "reports" / model).mkdir(parents=True)
         (tmp_path / "reports" / model / "metrics.json").write_text(json.dumps(metrics))
+    for name in ("dvc.yaml", "params.yaml"):  # the stage reads its caption's params as under DVC
+        shutil.copy(ROOT / name, tmp_path / name)
     result = run_script(
         str(ROOT / "stages" / "summarize.py"),
         "--metrics", "reports/mstcn/metrics.json", "reports/etesvs/metrics.json",
@@ -379,7 +382,8 @@ def test_summary_table_and_stage(tmp_path):
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert (tmp_path / "reports" / "summary.md").read_text().splitlines() == table
+    caption, blank, *rest = (tmp_path / "reports" / "summary.md").read_text().splitlines()
+    assert caption.startswith("Test-split scores (%) on the embedded demo dataset") and not blank and rest == table
 
 
 def test_confusion_csv_lists_every_pair_of_classes():
@@ -387,3 +391,19 @@ def test_confusion_csv_lists_every_pair_of_classes():
     rows = confusion_csv(confusion, ["background", "cut", "pour"]).splitlines()
     assert rows[0] == "actual,predicted,count" and len(rows) == 1 + 9
     assert "background,pour,1" in rows and "pour,pour,0" in rows and "cut,cut,2" in rows
+
+
+def test_summary_caption_says_what_the_table_is():
+    from etesvs.evaluate import summary_caption
+
+    params = {"seed": 0, "dataset": {"name": "demo", "split": 1}, "demo": {"seed": 3},
+              "features": {"weights": "data/pretrained/i3d_demo.pt"},
+              "streaming": {"pretrained": "data/pretrained/mobilenet_v2_demo.pt"}}
+    caption = summary_caption(params)
+    assert "demo seed 3), split 1" in caption and "training seed 0" in caption
+    assert "generated corpus" in caption and "include its I3D feature extractor" in caption
+    real = summary_caption({**params, "dataset": {"name": "gtea", "split": 2},
+                            "features": {"weights": "data/pretrained/rgb_imagenet.pt"},
+                            "streaming": {"pretrained": ""}})
+    assert real.startswith("Test-split scores (%) on gtea, split 2;") and "generated corpus" not in real
+    assert "random initialisation" in real

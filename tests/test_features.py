@@ -20,10 +20,12 @@ from etesvs.data.frames import FrameReader, frames_path, write_frame_container
 from etesvs.distributed import DistInfo
 from etesvs.errors import EtesvsError, run_main
 from etesvs.import_features import main as import_features_main
+from etesvs.models.i3d import InceptionI3d
 from etesvs.features import (
     extract_dataset_features,
     FeatureConfig,
     build_backbone,
+    flops_per_frame,
     extract_features,
     import_npy_features,
     interpolate_to_frames,
@@ -39,7 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 COUNTS = {"v1": 11, "v2": 5, "v3": 9}
 # Small chunks keep the tests fast; the defaults (64 + 2 x 16) are exercised by the benchmark.
-BASE = dict(method="chunked", batch_size=2, dtype="float32", crop_size=0, window_size=21, chunk_size=8, chunk_context=8)
+BASE = dict(method="chunked", batch_size=2, dtype="float32", crop_size=0, short_side=0, window_size=21, chunk_size=8,
+            chunk_context=8)
 
 
 def config_(**changes) -> FeatureConfig:
@@ -103,6 +106,19 @@ def test_preprocess_scales_to_minus_one_one_and_crops():
     assert scaled.dtype == torch.float32 and scaled.shape == (2, 3, 40, 60)
     assert scaled[0].eq(-1).all() and scaled[1].eq(1).all()
     assert preprocess(frames, crop_size=32).shape == (2, 3, 32, 32)
+    assert preprocess(frames, crop_size=None, short_side=20).shape == (2, 3, 20, 30)  # aspect ratio kept
+    assert preprocess(frames, crop_size=16, short_side=20).shape == (2, 3, 16, 16)
+
+
+def test_short_side_settings_are_checked_and_change_the_cost():
+    with pytest.raises(EtesvsError, match=r"features.crop_size \(32\) exceeds features.short_side \(24\)"):
+        config_(crop_size=32, short_side=24)
+    with pytest.raises(EtesvsError, match="features.short_side: must be positive, or 0"):
+        config_(short_side=-1)
+    model = InceptionI3d(num_classes=None, width_mult=0.25)
+    full = flops_per_frame(model, config_(), height=48, width=64)
+    half = flops_per_frame(model, config_(short_side=24), height=48, width=64)
+    assert half == pytest.approx(full / 4, rel=0.15)
 
 
 def test_read_clamped_repeats_the_edge_frames(dataset):

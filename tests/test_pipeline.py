@@ -53,7 +53,8 @@ def repo(tmp_path_factory) -> Path:
 
 def test_every_output_exists(repo):
     stages = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
-    expected = {"make_demo_data", "convert_labels", "extract_frames", "extract_features", "summarize"}
+    expected = {"make_demo_data", "convert_labels", "extract_frames", "extract_features", "summarize",
+                "make_pretrain_data", "pretrain@i3d", "pretrain@mobilenet_v2"}
     expected |= {f"train_temporal@{m}" for m in TEMPORAL} | {f"evaluate@{m}" for m in MODELS} | {"train_streaming"}
     assert expected <= set(stages)
     for name, stage in stages.items():
@@ -93,11 +94,19 @@ def test_features_predictions_and_reports(repo):
     from etesvs.data.labels import load_label_info
 
     info = load_label_info(repo / "data" / "labels")
+    extractor = json.loads((repo / "data" / "features" / "info.json").read_text())
+    assert extractor["feature_dim"] == 256  # the tiny demo's I3D is a quarter wide
     with h5py.File(repo / "data" / "features" / "features.h5", "r") as features:
         for video in info.train + info.test:
-            assert features[video].shape == (info.num_frames[video], 1024)
-    extractor = json.loads((repo / "data" / "features" / "info.json").read_text())
-    assert extractor["backbone_pretrained"] is False and extractor["flops_per_frame"] > 0
+            assert features[video].shape == (info.num_frames[video], 256)
+    # the demo's own pretrained weights went through the real loaders, and the runs say which file they used
+    i3d = json.loads((repo / "reports" / "pretrain" / "i3d" / "weights.json").read_text())
+    assert extractor["backbone_pretrained"] is True and extractor["weights_hash"] == i3d["sha256"]
+    assert extractor["weights"] == i3d["file"] == "data/pretrained/i3d_demo.pt"
+    assert extractor["flops_per_frame"] > 0
+    streaming = json.loads((repo / "data" / "predictions" / "etesvs" / "model.json").read_text())
+    assert streaming["backbone_pretrained"] is True
+    assert streaming["weights_origin"].endswith("mobilenet_v2_demo.pt")
     for model in MODELS:
         with h5py.File(repo / "data" / "predictions" / model / "probs.h5", "r") as probs:
             assert sorted(probs) == sorted(info.test)

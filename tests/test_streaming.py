@@ -306,6 +306,7 @@ def stage_workdir(root: Path, default_params: dict, **train) -> Path:
     """A working directory as DVC runs the stage in (dvc.yaml, params.yaml) with a tiny, fast configuration."""
     section = copy.deepcopy(default_params["streaming"])
     section["model"].update(memory_channels=8, head_layers=3, head_channels=8, dropout=0.0, norm="group")
+    section["pretrained"] = ""  # random initialisation (the pipeline test loads the demo's pretrained weights)
     section["data"].update(image_size=32)
     section["train"].update(epochs=2, lr=0.01, batch_videos=2, num_workers=0, val_fraction=0.3, num_threads=0)
     section["train"].update(train)

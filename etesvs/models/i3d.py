@@ -31,7 +31,7 @@ from etesvs.errors import EtesvsError
 from etesvs.io import load_weights_file
 
 FEATURE_DIM = 1024
-"""Channels of ``Mixed_5c``: the length of one I3D RGB feature vector."""
+"""Channels of ``Mixed_5c`` at full width: the length of one I3D RGB feature vector (``feature_dim`` otherwise)."""
 
 TEMPORAL_STRIDE = 8
 """Input frames per ``Mixed_5c`` time step."""
@@ -172,6 +172,11 @@ _INCEPTION_SPECS = {
 }
 
 
+def scaled_channels(channels: int, width_mult: float) -> int:
+    """A channel count of the full-width network scaled by ``width_mult`` (at least 4)."""
+    return max(4, int(round(channels * width_mult)))
+
+
 class InceptionI3d(nn.Module):
     """Inception-v1 I3D up to ``Mixed_5c``, with an optional Kinetics-style classifier.
 
@@ -179,35 +184,49 @@ class InceptionI3d(nn.Module):
         in_channels: 3 for RGB (2 for optical flow).
         num_classes: classes of the ``logits`` layer (400 for Kinetics), or None for a feature extractor
             without it.
+        width_mult: every channel count of every layer scaled by this factor (1.0: the published network).
+            Parameter names stay those of pytorch-i3d, only shapes change, so a narrow network's weights are
+            saved and loaded like ``rgb_imagenet.pt`` (:func:`checkpoint_width_mult` reads the factor back).
 
     ``forward`` takes clips scaled to [-1, 1], (B, in_channels, T, H, W), and returns spatially averaged
-    ``Mixed_5c`` features (B, 1024, ceil(T/8)).
+    ``Mixed_5c`` features (B, feature_dim, ceil(T/8)), ``feature_dim`` = 1024 at full width.
     """
 
-    def __init__(self, *, in_channels: int = 3, num_classes: int | None = None):
+    def __init__(self, *, in_channels: int = 3, num_classes: int | None = None, width_mult: float = 1.0):
         super().__init__()
+        if not width_mult > 0:
+            raise ValueError(f"width_mult must be positive, got {width_mult}")
         self.in_channels = in_channels
         self.num_classes = num_classes
+        self.width_mult = width_mult
+
+        def scaled(channels: int) -> int:
+            return scaled_channels(channels, width_mult)
+
         layers: "OrderedDict[str, nn.Module]" = OrderedDict()
-        layers["Conv3d_1a_7x7"] = Unit3D(in_channels=in_channels, out_channels=64, kernel_size=7, stride=2)
+        layers["Conv3d_1a_7x7"] = Unit3D(in_channels=in_channels, out_channels=scaled(64), kernel_size=7, stride=2)
         layers["MaxPool3d_2a_3x3"] = MaxPool3dSame(kernel_size=(1, 3, 3), stride=(1, 2, 2))
-        layers["Conv3d_2b_1x1"] = Unit3D(in_channels=64, out_channels=64, kernel_size=1)
-        layers["Conv3d_2c_3x3"] = Unit3D(in_channels=64, out_channels=192, kernel_size=3)
+        layers["Conv3d_2b_1x1"] = Unit3D(in_channels=scaled(64), out_channels=scaled(64), kernel_size=1)
+        layers["Conv3d_2c_3x3"] = Unit3D(in_channels=scaled(64), out_channels=scaled(192), kernel_size=3)
         layers["MaxPool3d_3a_3x3"] = MaxPool3dSame(kernel_size=(1, 3, 3), stride=(1, 2, 2))
-        for name in ("Mixed_3b", "Mixed_3c"):
-            layers[name] = self._inception(name)
-        layers["MaxPool3d_4a_3x3"] = MaxPool3dSame(kernel_size=3, stride=2)
-        for name in ("Mixed_4b", "Mixed_4c", "Mixed_4d", "Mixed_4e", "Mixed_4f"):
-            layers[name] = self._inception(name)
-        layers["MaxPool3d_5a_2x2"] = MaxPool3dSame(kernel_size=2, stride=2)
-        for name in ("Mixed_5b", "Mixed_5c"):
-            layers[name] = self._inception(name)
+        channels = scaled(192)
+        for name in _INCEPTION_SPECS:
+            if name == "Mixed_4b":
+                layers["MaxPool3d_4a_3x3"] = MaxPool3dSame(kernel_size=3, stride=2)
+            elif name == "Mixed_5b":
+                layers["MaxPool3d_5a_2x2"] = MaxPool3dSame(kernel_size=2, stride=2)
+            module = InceptionModule(
+                in_channels=channels, out_channels=[scaled(c) for c in _INCEPTION_SPECS[name][1]]
+            )
+            layers[name] = module
+            channels = module.out_channels
+        self.feature_dim = channels
         self.endpoints = list(layers)
         for name, layer in layers.items():
             self.add_module(name, layer)
         self.logits = (
             Unit3D(
-                in_channels=FEATURE_DIM,
+                in_channels=self.feature_dim,
                 out_channels=num_classes,
                 kernel_size=1,
                 use_batch_norm=False,
@@ -217,11 +236,6 @@ class InceptionI3d(nn.Module):
             if num_classes is not None
             else None
         )
-
-    @staticmethod
-    def _inception(name: str) -> InceptionModule:
-        in_channels, out_channels = _INCEPTION_SPECS[name]
-        return InceptionModule(in_channels=in_channels, out_channels=out_channels)
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         """Random initialisation drawn from ``generator`` only (independent of the global RNG state).
@@ -239,20 +253,20 @@ class InceptionI3d(nn.Module):
                     module.reset_parameters()
 
     def feature_map(self, x: torch.Tensor) -> torch.Tensor:
-        """``Mixed_5c`` activations: (B, C_in, T, H, W) -> (B, 1024, ceil(T/8), ceil(H/32), ceil(W/32))."""
+        """``Mixed_5c`` activations: (B, C_in, T, H, W) -> (B, feature_dim, ceil(T/8), ceil(H/32), ceil(W/32))."""
         for name in self.endpoints:
             x = getattr(self, name)(x)
         return x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Spatially averaged ``Mixed_5c`` features: (B, C_in, T, H, W) -> (B, 1024, ceil(T/8))."""
+        """Spatially averaged ``Mixed_5c`` features: (B, C_in, T, H, W) -> (B, feature_dim, ceil(T/8))."""
         return self.feature_map(x).mean(dim=(3, 4))
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Clip-level class scores (B, C_in, T, H, W) -> (B, num_classes), averaged over time."""
         if self.logits is None:
             raise RuntimeError("this I3D was built without a classifier (num_classes=None)")
-        features = self.feature_map(x).mean(dim=(3, 4), keepdim=True)  # (B, 1024, T', 1, 1)
+        features = self.feature_map(x).mean(dim=(3, 4), keepdim=True)  # (B, feature_dim, T', 1, 1)
         return self.logits(features).mean(dim=(2, 3, 4))
 
 
@@ -277,6 +291,21 @@ def _unwrap_state_dict(state: object) -> object:
             if key in state and isinstance(state[key], dict):
                 return state[key]
     return state
+
+
+def checkpoint_width_mult(path: str | os.PathLike) -> float:
+    """The ``width_mult`` of the I3D whose weights are in ``path``: channels of ``Conv3d_1a_7x7`` / 64.
+
+    1.0 for the published checkpoints (pytorch-i3d ``rgb_imagenet.pt``). Raises :class:`EtesvsError` naming the
+    file when it cannot be read or has no ``Conv3d_1a_7x7.conv3d.weight``.
+    """
+    path = Path(path)
+    state = _unwrap_state_dict(load_weights_file(path, what="I3D weights file"))
+    key = "Conv3d_1a_7x7.conv3d.weight"
+    weight = state.get(key, state.get(f"module.{key}")) if isinstance(state, dict) else None
+    if not isinstance(weight, torch.Tensor):
+        raise EtesvsError(f"{path}: not an I3D state dict (no {key})")
+    return weight.shape[0] / 64
 
 
 def load_i3d_weights(model: InceptionI3d, path: str | os.PathLike) -> str:

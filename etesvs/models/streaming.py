@@ -32,7 +32,7 @@ from etesvs.io import load_weights_file
 from etesvs.models.tcn import SingleStageTCN
 
 HEADS = ("tcn", "causal_tcn")
-NORMS = ("batch", "group")
+NORMS = ("batch", "frozen_batch", "group")
 
 
 class StreamState(NamedTuple):
@@ -87,6 +87,22 @@ def temporal_shift(x: torch.Tensor, num_frames: int, divisor: int) -> torch.Tens
     return shifted.flatten(0, 1)  # (N, T, C, H, W) -> (N*T, C, H, W)
 
 
+def run_backbone(backbone: nn.Sequential, frames: torch.Tensor, *, num_frames: int, shift_divisor: int) -> torch.Tensor:
+    """MobileNetV2 ``features`` on clips of ``num_frames`` frames, with TSM's residual temporal shift of
+    1/``shift_divisor`` of the channels each way (0: no shift).
+
+    Shapes: (N * T, 3, H, W) -> (N * T, C, H/32, W/32).
+    """
+    x = frames
+    for layer in backbone:
+        if shift_divisor and isinstance(layer, InvertedResidual) and layer.use_res_connect:
+            # TSM's residual shift: the shortcut keeps the frame's own features, the branch mixes in its neighbours.
+            x = x + layer.conv(temporal_shift(x, num_frames, shift_divisor))
+        else:
+            x = layer(x)
+    return x
+
+
 def _group_norm(channels: int) -> nn.GroupNorm:
     # Channel counts of MobileNetV2 are multiples of 8 at every width; gcd keeps odd widths working too.
     return nn.GroupNorm(math.gcd(channels, 8), channels)
@@ -134,7 +150,10 @@ class StreamingSegmenter(nn.Module):
         head_layers: dilated layers of the head (dilations 1, 2, ..., 2**(head_layers - 1)).
         head_channels: feature maps of the head.
         dropout: dropout of the head's layers.
-        norm: ``"batch"`` (MobileNetV2's BatchNorm) or ``"group"`` (GroupNorm: statistics per frame, so a batch
+        norm: ``"batch"`` (MobileNetV2's BatchNorm), ``"frozen_batch"`` (the same layers and state dict, but their
+            running statistics stay those of the pretrained weights: the BatchNorm layers are always in eval mode,
+            their affine parameters are trained; the usual way to fine-tune on small batches) or ``"group"``
+            (GroupNorm: statistics per frame, so a batch
             split across processes gives exactly the single-process result).
     """
 
@@ -157,7 +176,8 @@ class StreamingSegmenter(nn.Module):
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-        norm_layer = nn.BatchNorm2d if norm == "batch" else _group_norm
+        norm_layer = _group_norm if norm == "group" else nn.BatchNorm2d
+        self.frozen_norm = norm == "frozen_batch"
         mobilenet = torchvision.models.mobilenet_v2(weights=None, width_mult=width_mult, norm_layer=norm_layer)
         self.backbone = mobilenet.features
         self.temporal_shift = temporal_shift
@@ -181,16 +201,20 @@ class StreamingSegmenter(nn.Module):
         # as it would have inside one long sequence.
         self.head_cache_frames = self.head.stack.receptive_field - 1 if self.causal else 0
 
+    def train(self, mode: bool = True) -> "StreamingSegmenter":
+        """Set training mode; with ``norm="frozen_batch"`` the backbone's BatchNorm layers stay in eval mode."""
+        super().train(mode)
+        if self.frozen_norm:
+            for module in self.backbone.modules():
+                if isinstance(module, nn.BatchNorm2d):
+                    module.eval()
+        return self
+
     def backbone_features(self, frames: torch.Tensor, num_frames: int) -> torch.Tensor:
         """MobileNetV2 features of clips of ``num_frames`` frames: (N * T, 3, H, W) -> (N * T, 1280, H/32, W/32)."""
         x = frames.contiguous(memory_format=torch.channels_last) if self.channels_last else frames
-        for layer in self.backbone:
-            if self.temporal_shift and isinstance(layer, InvertedResidual) and layer.use_res_connect:
-                # TSM's residual shift: the shortcut keeps the frame's own features, the branch mixes in its neighbours.
-                x = x + layer.conv(temporal_shift(x, num_frames, self.shift_divisor))
-            else:
-                x = layer(x)
-        return x
+        shift = self.shift_divisor if self.temporal_shift else 0
+        return run_backbone(self.backbone, x, num_frames=num_frames, shift_divisor=shift)
 
     def initial_state(self, batch_size: int, feature_size: tuple[int, int], *, device=None, dtype=None) -> StreamState:
         """The state at the start of a video: all zeros, an empty head cache."""
