@@ -506,6 +506,12 @@ def pretrain_backbone(
     unwrap_model(model).load_state_dict(best["model"])
     export(model, weights_path)
     row = next(row for row in result.history if row["epoch"] == best["epoch"])
+    return _outcome(backbone, row, train=train, corpus=corpus, corpus_path=corpus_path, weights_path=weights_path)
+
+
+def _outcome(backbone: str, row: dict[str, Any], *, train: dict[str, Any], corpus: Corpus, corpus_path: Path,
+             weights_path: Path) -> dict[str, Any]:
+    """What :func:`pretrain_backbone` returns, from the selected epoch's row of the history."""
     return {
         # held-out corpus clips: motion-class accuracy of the probe (%), mean error of the motion maps
         "metrics": {"corpus_acc": round(row["val_acc"], 2), "motion_err": round(row["val_motion_error"], 4)},
@@ -514,7 +520,7 @@ def pretrain_backbone(
             "file": weights_path.as_posix(),
             "sha256": file_sha256(weights_path),
             "origin": f"supervised pretraining on the procedural corpus {corpus_path.as_posix()} (etesvs.pretrain)",
-            "best_epoch": int(best["epoch"]),
+            "best_epoch": int(row["epoch"]),
             "epochs": train["epochs"],
             "train_loss": row["train_loss"],
             **corpus_summary(corpus),

@@ -13,12 +13,12 @@ from etesvs.models.i3d import (
     FEATURE_DIM,
     TEMPORAL_CENTER_OFFSET,
     InceptionI3d,
-    count_parameters,
     file_sha256,
     load_i3d_weights,
     same_padding,
     temporal_output_length,
 )
+from etesvs.profiling import count_parameters
 
 
 @pytest.fixture(autouse=True)

@@ -270,11 +270,6 @@ class InceptionI3d(nn.Module):
         return self.logits(features).mean(dim=(2, 3, 4))
 
 
-def count_parameters(model: nn.Module) -> int:
-    """Number of parameters (buffers such as batch-norm statistics excluded)."""
-    return sum(p.numel() for p in model.parameters())
-
-
 def file_sha256(path: str | os.PathLike) -> str:
     """Hex SHA-256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
