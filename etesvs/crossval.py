@@ -112,8 +112,8 @@ def markdown(covered: dict[str, Any], summary: dict[str, dict[str, dict[str, Any
 
 def report(overrides: Sequence[str], root: Path, *, out: Path, out_json: Path) -> str:
     """Write the Markdown table and the JSON of the cross-validation selected by ``overrides``."""
-    check_output_file(out)
-    check_output_file(out_json)
+    check_output_file(out, suffixes=(".md",))
+    check_output_file(out_json, suffixes=(".json",))
     covered = plan(overrides, root)
     summary = aggregate(collect(covered["names"], root))
     text = markdown(covered, summary)

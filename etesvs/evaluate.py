@@ -368,7 +368,7 @@ def write_report(
     """
     out_dir = Path(out_dir)
     for name in ("metrics.json", "per_class.csv", "confusion.csv"):
-        check_output_file(out_dir / name)
+        check_output_file(out_dir / name, inputs=inputs)
     from etesvs.viz import save_segments_figure  # matplotlib only where pictures are drawn, not for the CLI
 
     # DVC draws every file of segments/ as a plot, so its marker is kept beside it.
@@ -445,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = parser.parse_args(argv)
     if args.out is not None:
         inputs = [args.mapping, args.split, *([args.probabilities] if args.probabilities else [])]
-        check_output_file(args.out, inputs=inputs)
+        check_output_file(args.out, inputs=[*inputs, args.ground_truth, args.predictions], suffixes=(".json",))
 
     classes = read_mapping(args.mapping)
     background_ids = background_class_ids(args.background, classes, mapping=args.mapping)

@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> None:
         fps = info.fps if fps is None else fps
     if fps is None:
         raise EtesvsError("--fps is required without --labels (the frame rate of the features)")
-    check_output_file(args.out, inputs=[args.npy_dir, *([args.labels] if args.labels else [])])
-    check_output_file(args.out.parent / "info.json", inputs=[args.npy_dir])
+    check_output_file(args.out, inputs=[args.npy_dir, *([args.labels] if args.labels else [])], suffixes=(".h5",))
+    check_output_file(args.out.parent / "info.json", inputs=[args.npy_dir], suffixes=(".json",))
     notes = import_npy_features(args.npy_dir, args.out, videos=videos, num_frames=num_frames, fps=fps,
                                 feature_dim=args.feature_dim, dtype=args.dtype,
                                 max_length_mismatch=args.max_length_mismatch)

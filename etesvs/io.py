@@ -109,17 +109,25 @@ def write_json(path: str | Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def check_output_file(path: str | Path, *, inputs: Iterable[str | Path] = ()) -> Path:
-    """Refuse, before any work, an output file path that is a directory, lies under a file, or is an input."""
+def check_output_file(path: str | Path, *, inputs: Iterable[str | Path] = (), suffixes: Sequence[str] = (),
+                      new_only: bool = False) -> Path:
+    """Refuse, before any work, an output file path that is a directory, lies under a file, is an input or lies
+    inside an input directory; an existing file is replaced only when its name ends with one of ``suffixes``
+    (what the output is: a user's video or label file is never taken for a report), never with ``new_only``."""
     path = Path(path)
     if path.is_dir():
         raise EtesvsError(f"{path}: is a directory, expected a file name")
     blocking = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise EtesvsError(f"{blocking}: is a file, so {path} cannot be written under it")
-    for source in inputs:
-        if Path(source).exists() and path.exists() and os.path.samefile(source, path):
+    for source in map(Path, inputs):
+        if source.exists() and path.exists() and os.path.samefile(source, path):
             raise EtesvsError(f"{path}: is an input, it would be overwritten by the output")
+        if source.is_dir() and _contains(source.resolve(), path.resolve()):
+            raise EtesvsError(f"{path}: lies inside the input directory {source}; write the output elsewhere")
+    if path.exists() and (new_only or (suffixes and not path.name.endswith(tuple(suffixes)))):
+        wanted = "a new file" if new_only else " or ".join(suffixes)
+        raise EtesvsError(f"{path}: exists and is not {wanted}: not replaced (choose another name)")
     return path
 
 

@@ -477,7 +477,7 @@ def pretrain_backbone(
     train = section["train"]
     if train["num_threads"] > 0:
         torch.set_num_threads(train["num_threads"])
-    check_output_file(weights_path, inputs=[corpus_path])
+    check_output_file(weights_path, inputs=[corpus_path], suffixes=(".pt", ".pth"))
     corpus = read_corpus(corpus_path)
     check_settings(train, corpus, where=where, corpus_path=corpus_path)
     torch.manual_seed(seed)  # initialisation

@@ -470,7 +470,7 @@ def run_stream(
         output.expect(OUTPUT_FILES)
     display = None
     if overlay is not None:
-        check_output_file(overlay, inputs=sources)
+        check_output_file(overlay, inputs=sources, new_only=True)  # never a user's video
         display = display_size(*probe_frame_size(video, live=live))
     tracker, counts = SegmentTracker(), {"frames": 0, "segments": 0, "windows": 0}
     with contextlib.ExitStack() as stack:

@@ -340,7 +340,7 @@ def claim_run_outputs(name: str, paths: RunPaths, *, inputs: Sequence[str | os.P
 
     checkpoints = claim_output_dir(paths.checkpoints, owner=_owner(name), inputs=inputs, adopt=is_checkpoint)
     checkpoints.expect(["last.pt", "best.pt"])
-    check_output_file(paths.curves, inputs=inputs)
+    check_output_file(paths.curves, inputs=inputs, suffixes=(".csv",))
     return checkpoints
 
 

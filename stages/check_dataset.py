@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="JSON of what was found")
     args = parser.parse_args(argv)
     dataset = stage_params("check_dataset")["dataset"]
-    check_output_file(args.out)
+    check_output_file(args.out, suffixes=(".json",))
     found = check_dataset(DatasetLayout(Path(dataset["root"])), name=dataset["name"], split=dataset["split"])
     write_json(args.out, {"dataset": dataset["name"], "root": dataset["root"], "split": dataset["split"], **found})
     print(f"check_dataset: {dataset['name']} at {dataset['root']}: {found['videos']} videos, "

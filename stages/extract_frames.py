@@ -24,13 +24,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="directory of frame containers")
     parser.add_argument("--report", type=Path, required=True, help="JSON report of the run")
     args = parser.parse_args(argv)
-    check_output_file(args.report)
+    check_output_file(args.report, inputs=[args.root, args.labels], suffixes=(".json",))
     params = stage_params("extract_frames")
     dataset, frames = params["dataset"], params["frames"]
     layout = DatasetLayout(args.root, video_path_rules=parse_video_path_rules(dataset["video_path_rules"]))
     config = ExtractConfig(fps=dataset["fps"], short_side=dataset["image_size"], jpeg_quality=frames["jpeg_quality"],
                            tolerance=frames["tolerance"])
-    results = extract_frames(video_jobs(layout, load_label_info(args.labels).num_frames), args.out, config,
+    jobs = video_jobs(layout, load_label_info(args.labels).num_frames, skip_missing=frames["skip_bad_videos"],
+                      listed_in=args.labels / "info.json")
+    results = extract_frames(jobs, args.out, config,
                              workers=frames["workers"], skip_bad_videos=frames["skip_bad_videos"],
                              inputs=[args.root, args.labels])
     reconciled = [warning for result in results for warning in result.warnings]

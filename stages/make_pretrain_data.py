@@ -20,9 +20,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", type=Path, required=True, help="JSON summary of the corpus (a DVC metric)")
     args = parser.parse_args(argv)
     params = stage_params("make_pretrain_data")
-    check_output_file(args.report)
+    check_output_file(args.report, suffixes=(".json",))
     summary = call_with(write_corpus, params["pretrain_data"], where="params.yaml: pretrain_data",
-                        path=check_output_file(args.out), seed=params["seed"])  # fmt: skip
+                        path=check_output_file(args.out, suffixes=(".h5",)), seed=params["seed"])  # fmt: skip
     write_json(args.report, summary)
     print(f"make_pretrain_data: {summary['clips']} clips of {summary['num_frames']} frames, "
           f"{summary['classes']} motion classes -> {args.out}")

@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = stage_params(f"pretrain@{args.backbone}")
     for path in (args.metrics, args.report):
-        check_output_file(path, inputs=[args.corpus])
+        check_output_file(path, inputs=[args.corpus], suffixes=(".json",))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dist = DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_distributed=False)
     paths = RunPaths(checkpoints=args.checkpoints, predictions=args.checkpoints, curves=args.curves,

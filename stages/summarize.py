@@ -18,7 +18,7 @@ def main() -> None:
     parser.add_argument("--metrics", type=Path, nargs="+", required=True, help="reports/<model>/metrics.json files")
     parser.add_argument("--out", type=Path, required=True, help="Markdown file, e.g. reports/summary.md")
     args = parser.parse_args()
-    check_output_file(args.out, inputs=args.metrics)
+    check_output_file(args.out, inputs=args.metrics, suffixes=(".md",))
     caption = summary_caption(stage_params("summarize"))
     print(write_summary(args.metrics, args.out, caption=caption), end="")
 

@@ -25,6 +25,7 @@ from etesvs.errors import EtesvsError, Interrupted, run_main
 from etesvs.io import (
     MARKER_NAME,
     atomic_path,
+    check_output_file,
     check_plain_name,
     claim_output_dir,
     load_weights_file,
@@ -958,3 +959,37 @@ def test_a_forked_child_ends_on_sigterm_like_a_plain_process():
     result = subprocess.run([sys.executable, "-c", FORKED_CHILD], capture_output=True, text=True, timeout=60,
                             env=dict(os.environ, PYTHONPATH=str(ROOT)))  # fmt: skip
     assert (result.returncode, result.stdout, result.stderr) == (0, "True\n", "")
+
+
+# ------------------------------------------------------------------------------------------------ single files
+
+
+def test_a_single_file_output_never_replaces_a_users_file(tmp_path):
+    dataset = tmp_path / "ds"
+    (dataset / "Videos").mkdir(parents=True)
+    video, labels = dataset / "Videos" / "a.mp4", dataset / "groundTruth" / "a.txt"
+    labels.parent.mkdir()
+    video.write_bytes(b"video"), labels.write_text("take\n")
+    with pytest.raises(EtesvsError, match=r"a\.mp4: exists and is not \.json: not replaced \(choose another name\)$"):
+        check_output_file(video, suffixes=(".json",))
+    with pytest.raises(EtesvsError, match=r"a\.txt: lies inside the input directory .*groundTruth; write the output"):
+        check_output_file(labels, inputs=[labels.parent], suffixes=(".json",))
+    with pytest.raises(EtesvsError, match=r"report\.json: lies inside the input directory .*ds;"):
+        check_output_file(dataset / "report.json", inputs=[dataset], suffixes=(".json",))
+    with pytest.raises(EtesvsError, match=r"a\.mp4: exists and is not a new file: not replaced"):
+        check_output_file(video, new_only=True)
+    assert video.read_bytes() == b"video" and labels.read_text() == "take\n"
+    (tmp_path / "old.json").write_text("{}")
+    assert check_output_file(tmp_path / "old.json", suffixes=(".json",)) == tmp_path / "old.json"  # its own kind
+
+
+def test_evaluate_cli_refuses_to_write_over_a_label_file(tmp_path):
+    labels = {"video_a": np.array([0, 0, 1, 1])}
+    write_text_dataset(tmp_path, labels)
+    write_predictions(tmp_path / "pred", labels)
+    target = tmp_path / "groundTruth" / "video_a.txt"
+    before = target.read_bytes()
+    result = subprocess.run([sys.executable, "-m", "etesvs.evaluate", *cli_args(tmp_path, tmp_path / "pred"),
+                             "--out", str(target)], capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "lies inside the input directory" in result.stderr and target.read_bytes() == before

@@ -572,14 +572,21 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
         process.join(timeout=5)
 
 
-def video_jobs(layout, label_counts: dict[str, int]) -> list[tuple[str, Path, int]]:
-    """``(video, video_file, label_frames)`` for every labelled video; a missing video file is an error."""
+def video_jobs(layout, label_counts: dict[str, int], *, skip_missing: bool,
+               listed_in: str | Path = "") -> list[tuple[str, Path, int]]:
+    """``(video, video_file, label_frames)`` for every labelled video.
+
+    A missing video file stops here, before anything is decoded, with the layout's message (the extensions tried)
+    and ``listed_in`` (where the name came from); with ``skip_missing`` it is left to decoding to report and skip.
+    """
     jobs = []
     for video, count in label_counts.items():
         stem = layout.video_stem(video)  # a name that is not plain, or leads outside Videos/, stops here
         try:
             jobs.append((video, layout.video_file(video), count))
-        except EtesvsError:  # not found: decoding reports it (or skips it with skip_bad_videos)
+        except EtesvsError as error:
+            if not skip_missing:
+                raise EtesvsError(f"{error}; listed in {listed_in}" if listed_in else str(error)) from None
             jobs.append((video, path_inside(layout.videos_dir, stem), count))
     return jobs
 
