@@ -398,13 +398,17 @@ def _import(argv: list[str]) -> int:
 
 
 def test_import_command_reports_a_bad_file_in_one_line(tmp_path, capsys):
-    np.save(tmp_path / "v1.npy", np.zeros((3, 2048), np.float32))
-    argv = ["--npy-dir", str(tmp_path), "--out", str(tmp_path / "features.h5"), "--fps", "15"]
+    (tmp_path / "npy").mkdir()
+    np.save(tmp_path / "npy" / "v1.npy", np.zeros((3, 2048), np.float32))
+    argv = ["--npy-dir", str(tmp_path / "npy"), "--out", str(tmp_path / "features.h5"), "--fps", "15"]
     assert _import(argv) == 1
     assert capsys.readouterr().err.strip() == (
-        f"error: {tmp_path / 'v1.npy'}: expected an array of shape (2048, T), got (3, 2048) (transposed?)"
+        f"error: {tmp_path / 'npy' / 'v1.npy'}: expected an array of shape (2048, T), got (3, 2048) (transposed?)"
     )
     assert not (tmp_path / "features.h5").exists()
+    # the output is never written among the user's files
+    assert _import(["--npy-dir", str(tmp_path / "npy"), "--out", str(tmp_path / "npy" / "f.h5"), "--fps", "15"]) == 1
+    assert "lies inside the input directory" in capsys.readouterr().err
 
 
 def test_import_command_writes_features_and_info(tmp_path, dataset):
