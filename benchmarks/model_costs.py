@@ -62,7 +62,7 @@ def temporal_costs(row: str, params: dict, *, num_classes: int, length: int, in_
 def streaming_costs(params: dict, *, num_classes: int) -> tuple[int, float, float]:
     """ETESVS: parameters, FLOPs per video frame and per fed frame of one window."""
     model = StreamingSegmenter(num_classes=num_classes, **params["streaming"]["model"]).eval()
-    fed = params["window"] // params["dataset"]["sample_rate"]
+    fed = params["window"] // params["streaming"]["data"]["sample_rate"]
     size = params["streaming"]["data"]["image_size"]
     flops = count_flops(WindowLogits(model), (torch.zeros(1, fed, 3, size, size), torch.ones(1, fed, dtype=torch.bool)))
     return count_parameters(model), flops / params["window"], flops / fed
@@ -101,7 +101,7 @@ def main() -> None:
     print(f"{'etesvs':<10}{total_params / 1e6:>9.2f}M{per_frame / 1e9:>14.3f}   {seed_params:>10.3f}M"
           f"{seed_flops:>12.4f}   {what}")
     print(f"{'':<10}(per fed frame: {per_fed / 1e9:.3f} GFLOPs; window {params['window']} frames at sample rate "
-          f"{params['dataset']['sample_rate']}; MobileNetV2 x{params['streaming']['model']['width_mult']} TSM at "
+          f"{params['streaming']['data']['sample_rate']}; MobileNetV2 x{params['streaming']['model']['width_mult']} TSM at "
           f"{params['streaming']['data']['image_size']} px)")
 
 

@@ -63,7 +63,7 @@ def random_checkpoint(path: Path, params: dict) -> Path:
     save_checkpoint(
         path, model=StreamingSegmenter(**model_args), optimizer=None, epoch=0, model_args=model_args,
         classes=[f"class{i}" for i in range(NUM_CLASSES)], background_ids=[0], fps=float(params["dataset"]["fps"]),
-        window=params["window"], sample_rate=params["dataset"]["sample_rate"],
+        window=params["window"], sample_rate=params["streaming"]["data"]["sample_rate"],
         image_size=params["streaming"]["data"]["image_size"],
         normalization={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
     )
@@ -97,7 +97,7 @@ def backbone_seconds(params: dict, *, sampled_frames: int, threads: int) -> floa
     torch.set_num_threads(threads)
     model = prepare_for_inference(StreamingSegmenter(num_classes=NUM_CLASSES, **params["streaming"]["model"]))
     backbone = model.backbone  # BatchNorm folded, channels-last: the backbone at its fastest
-    batch = params["window"] // params["dataset"]["sample_rate"]
+    batch = params["window"] // params["streaming"]["data"]["sample_rate"]
     size = params["streaming"]["data"]["image_size"]
     frames = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
     backbone(frames)  # warm-up
@@ -118,7 +118,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         params = load_params(args.experiment, tmp)
-        fps, sample_rate = float(params["dataset"]["fps"]), params["dataset"]["sample_rate"]
+        fps, sample_rate = float(params["dataset"]["fps"]), params["streaming"]["data"]["sample_rate"]
         checkpoint = random_checkpoint(tmp / "random.pt", params)
         warm_up = make_video(tmp / "warm_up.mp4", seconds=2 * params["window"] / fps, fps=fps)
         streamed = stream_once(checkpoint, make_video(tmp / "video.mp4", seconds=args.seconds, fps=fps), args.threads,

@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the training process")
     args = parser.parse_args()
     params = read_yaml(args.params)
-    streaming, window, sample_rate = params["streaming"], params["window"], params["dataset"]["sample_rate"]
+    streaming, window, sample_rate = params["streaming"], params["window"], params["streaming"]["data"]["sample_rate"]
     image_size = streaming["data"]["image_size"]
     batch_videos, num_workers = streaming["train"]["batch_videos"], streaming["train"]["num_workers"]
     torch.set_num_threads(args.threads)

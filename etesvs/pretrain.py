@@ -182,6 +182,7 @@ class MobileNetPretrainer(nn.Module):
         width_mult: MobileNetV2 width multiplier.
         shift_divisor: TSM's residual shift of 1/shift_divisor of the channels each way between the frames of a
             clip (as in the streaming model); 0: no shift.
+        stem_shift: also shift the stem's output (see :class:`etesvs.models.streaming.StreamingSegmenter`).
         dropout: dropout before the classifier.
 
     ``forward`` takes (B, T, 3, S, S) normalised frames and returns ``{"clip": (B, C), "motion": (B, M, T)}``
@@ -189,20 +190,22 @@ class MobileNetPretrainer(nn.Module):
     """
 
     def __init__(
-        self, *, num_classes: int, motion_cells: int, width_mult: float, shift_divisor: int, dropout: float
+        self, *, num_classes: int, motion_cells: int, width_mult: float, shift_divisor: int, stem_shift: bool,
+        dropout: float,
     ) -> None:
         super().__init__()
         self.mobilenet = torchvision.models.mobilenet_v2(
             weights=None, width_mult=width_mult, num_classes=num_classes, dropout=dropout
         )
         self.shift_divisor = shift_divisor
+        self.stem_shift = stem_shift
         self.motion_head = nn.Linear(self.mobilenet.last_channel, motion_cells)
 
     def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, length = frames.shape[:2]
         # (B, T, 3, S, S) -> (B*T, 3, S, S) -> (B*T, C', h, w)
         x = run_backbone(self.mobilenet.features, frames.flatten(0, 1), num_frames=length,
-                         shift_divisor=self.shift_divisor)  # fmt: skip
+                         shift_divisor=self.shift_divisor, stem_shift=self.stem_shift)  # fmt: skip
         x = x.mean(dim=(2, 3))  # (B*T, C', h, w) -> (B*T, C')
         logits = self.mobilenet.classifier(x.detach()).view(batch, length, -1)  # (B*T, C) -> (B, T, C)
         motion = self.motion_head(x).view(batch, length, -1).transpose(1, 2)  # (B*T, M) -> (B, M, T)

@@ -80,7 +80,7 @@ def load_stream_model(path: str | Path, device: str | torch.device = "cpu") -> S
     if missing:
         raise EtesvsError(f"{path}: not a streaming-model checkpoint (missing {', '.join(missing)})")
     try:
-        model = StreamingSegmenter(**checkpoint["model_args"])
+        model = StreamingSegmenter(**{"stem_shift": False, **checkpoint["model_args"]})  # older files: no stem shift
         model.load_state_dict(checkpoint["model"])
     except (TypeError, ValueError, RuntimeError) as error:
         reason = str(error).splitlines()[0]

@@ -65,7 +65,7 @@ def check_settings(train: dict[str, Any], data: dict[str, Any], *, window: int, 
     if train["batch_videos"] < 1 or train["interleave"] < 1 or train["update_every"] < 0:
         faults.append("train.batch_videos and train.interleave must be >= 1, train.update_every >= 0")
     if sample_rate < 1 or window < 1 or window % sample_rate:
-        faults.append(f"window ({window}) must be a positive multiple of dataset.sample_rate ({sample_rate})")
+        faults.append(f"window ({window}) must be a positive multiple of data.sample_rate ({sample_rate})")
     if data["image_size"] < 32:
         faults.append(f"data.image_size must be >= 32 (got {data['image_size']})")
     if faults:
@@ -231,6 +231,14 @@ def _build_model(section: dict[str, Any], num_classes: int, dist: DistInfo) -> t
     return model, model_args, origin
 
 
+def _parameter_groups(model: nn.Module, backbone_lr: float) -> list[dict[str, Any]]:
+    """The backbone's parameters at their own learning rate (a pretrained backbone is fine-tuned more gently than
+    the randomly initialised memory and head), the others at the optimiser's."""
+    backbone = list(unwrap_model(model).backbone.parameters())
+    ids = {id(parameter) for parameter in backbone}
+    return [{"params": backbone, "lr": backbone_lr}, {"params": [p for p in model.parameters() if id(p) not in ids]}]
+
+
 def _family_functions(*, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                       amp_dtype: torch.dtype | None, train_set: VideoWindows, section: dict[str, Any], seed: int,
                       generator: torch.Generator, dist: DistInfo):
@@ -267,13 +275,14 @@ def train_streaming(
 ) -> dict[str, Any]:
     """Train on the training split (minus a validation hold-out), keep the best epoch, predict the test split.
 
-    ``params`` holds ``seed``, ``window`` (frames per window at the full frame rate), ``dataset.sample_rate`` and the
+    ``params`` holds ``seed``, ``window`` (frames per window at the full frame rate) and the
     ``streaming`` section: ``pretrained`` (backbone weights), ``model``, ``loss``, ``data`` and ``train``.
     Returns ``model.json``'s content on the main process.
     """
     frames_dir, labels_dir = Path(frames_dir), Path(labels_dir)
     section, seed, window = params["streaming"], params["seed"], params["window"]
-    train, data, sample_rate = section["train"], section["data"], params["dataset"]["sample_rate"]
+    train, data = section["train"], section["data"]
+    sample_rate = data["sample_rate"]
     check_settings(train, data, window=window, sample_rate=sample_rate)
     if train["num_threads"] > 0:
         torch.set_num_threads(train["num_threads"])
@@ -283,13 +292,14 @@ def train_streaming(
     train_videos, val_videos = hold_out(info.train, train["val_fraction"], seed)
     generator = seed_everything(seed)
     model, model_args, origin = _build_model(section, info.num_classes, dist)
-    optimizer = build_optimizer(model.parameters(), train, where="params.yaml: streaming.train")
+    optimizer = build_optimizer(_parameter_groups(model, train["backbone_lr_scale"] * train["lr"]), train,
+                                where="params.yaml: streaming.train")  # fmt: skip
     scheduler = build_scheduler(optimizer, train, where="params.yaml: streaming.train")
     amp_dtype = resolve_amp(train["amp"], dist.device)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=amp_dtype == torch.float16)
     windows = dict(window=window, sample_rate=sample_rate, image_size=data["image_size"])
     train_set = VideoWindows(frames_dir, labels_dir, train_videos, train=True, augment=data["augment"],
-                             flip=data["flip"], seed=seed, **windows)
+                             flip=data["flip"], colors=data["colors"], seed=seed, **windows)
     one_epoch, predict_videos = _family_functions(model=model, optimizer=optimizer, scaler=scaler,
                                                   amp_dtype=amp_dtype, train_set=train_set, section=section,
                                                   seed=seed, generator=generator, dist=dist)

@@ -125,10 +125,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: dict[str, Any], *, 
     ``scheduler: none`` keeps the rate constant (MS-TCN, ASRF); ``plateau`` multiplies it by ``plateau_factor`` once
     the training loss has not improved for more than ``plateau_patience`` epochs (ASFormer's
     ReduceLROnPlateau(mode="min", factor=0.5, patience=3) on the training loss); ``multistep`` multiplies it by
-    ``gamma`` at each epoch of ``milestones`` (the ETESVS authors' MultiStepLR).
+    ``gamma`` at each epoch of ``milestones`` (the ETESVS authors' MultiStepLR); ``cosine`` warms up linearly over
+    ``warmup_epochs`` then decays along a cosine (:func:`cosine_factor`), for every parameter group alike.
     """
     name = train["scheduler"]
-    needs = {"none": (), "plateau": ("plateau_factor", "plateau_patience"), "multistep": ("milestones", "gamma")}
+    needs = {"none": (), "plateau": ("plateau_factor", "plateau_patience"), "multistep": ("milestones", "gamma"),
+             "cosine": ("warmup_epochs", "epochs")}
     if name not in needs:
         raise EtesvsError(f"{where}.scheduler: expected {', '.join(needs)}, got {name!r}")
     missing = [key for key in needs[name] if key not in train]
@@ -137,10 +139,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: dict[str, Any], *, 
     if name == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="min", factor=train["plateau_factor"], patience=train["plateau_patience"])
+    if name == "cosine":
+        warmup, epochs = train["warmup_epochs"], train["epochs"]
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: cosine_factor(done + 1, warmup, epochs))
     if name == "multistep":
         return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(train["milestones"]),
                                                     gamma=train["gamma"])
     return None
+
+
+def cosine_factor(epoch: int, warmup_epochs: int, epochs: int) -> float:
+    """Learning-rate factor of epoch ``epoch`` (1-based): a linear warm-up over ``warmup_epochs``, then a cosine decay
+    from 1 towards 0 at the end of the last epoch, taken at the middle of each epoch."""
+    if epoch <= warmup_epochs:
+        return epoch / (warmup_epochs + 1)
+    progress = (epoch - warmup_epochs - 0.5) / max(epochs - warmup_epochs, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
 def hold_out(videos: Sequence[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:

@@ -1,6 +1,6 @@
 """Stage train_streaming: train the end-to-end streaming model (ETESVS) on frames and predict the test split.
 
-Params: ``seed``, ``window``, ``dataset.sample_rate`` and ``streaming``. Runs as one process, or under
+Params: ``seed``, ``window`` and ``streaming``. Runs as one process, or under
 ``torchrun --nproc_per_node N stages/train_streaming.py ...`` with the videos of every batch shared among the
 processes (Gloo on the CPU, NCCL on GPUs).
 """

@@ -35,16 +35,16 @@ PER_DATASET = {
     ("asformer", "gtea"): {"asformer.train.lr": 0.0005, "asformer.model.channel_dropout": 0.5},
     ("asformer", "50salads"): {"asformer.train.lr": 0.0005, "asformer.model.channel_dropout": 0.3},
     ("asformer", "breakfast"): {"asformer.train.lr": 0.0001, "asformer.model.channel_dropout": 0.3},
-    ("etesvs", "gtea"): {"window": 128, "dataset.sample_rate": 4, "streaming.model.shift_divisor": 8,
+    ("etesvs", "gtea"): {"window": 128, "streaming.data.sample_rate": 4, "streaming.model.shift_divisor": 8,
                          "streaming.train.optimizer": "sgd", "streaming.train.momentum": 0.9,
                          "streaming.train.lr": 0.0005, "streaming.train.weight_decay": 0.0001,
                          "streaming.train.milestones": [10, 30], "streaming.train.gamma": 0.1,
                          "streaming.train.epochs": 50, "streaming.train.batch_videos": 2},
-    ("etesvs", "50salads"): {"window": 640, "dataset.sample_rate": 20, "streaming.model.shift_divisor": 30,
+    ("etesvs", "50salads"): {"window": 640, "streaming.data.sample_rate": 20, "streaming.model.shift_divisor": 30,
                              "streaming.train.optimizer": "adam", "streaming.train.lr": 0.0005,
                              "streaming.train.weight_decay": 0.0005, "streaming.train.epochs": 70,
                              "streaming.train.batch_videos": 2},
-    ("etesvs", "breakfast"): {"window": 120, "dataset.sample_rate": 4, "streaming.model.shift_divisor": 30,
+    ("etesvs", "breakfast"): {"window": 120, "streaming.data.sample_rate": 4, "streaming.model.shift_divisor": 30,
                               "streaming.train.optimizer": "adam", "streaming.train.lr": 0.001,
                               "streaming.train.weight_decay": 0.0005, "streaming.train.epochs": 50,
                               "streaming.train.batch_videos": 4},
@@ -71,7 +71,7 @@ def _leaves(tree: dict, prefix: str = "") -> dict:
 @pytest.mark.parametrize("row", sorted(PUBLISHED))
 def test_every_row_composes_to_the_published_settings(tmp_path, row, dataset):
     params = composed_params(tmp_path, f"experiment={row}_{dataset}")
-    assert params["dataset"]["name"] == dataset and params["window"] % params["dataset"]["sample_rate"] == 0
+    assert params["dataset"]["name"] == dataset and params["window"] % params["streaming"]["data"]["sample_rate"] == 0
     expected = {**PUBLISHED[row], **(PUBLISHED["i3d"] if row in ("mstcn", "asrf", "asformer") else {}),
                 **PER_DATASET.get((row, dataset), {})}
     for key, value in expected.items():

@@ -68,7 +68,7 @@ def test_exported_weights_load_with_the_real_loaders(tmp_path, backbone):
     if backbone == "i3d":
         args = {"width_mult": 0.25, "height": 32, "width": 32, "dropout": 0.0}
     else:
-        args = {"width_mult": 0.35, "image_size": 32, "shift_divisor": 8, "dropout": 0.0}
+        args = {"width_mult": 0.35, "image_size": 32, "shift_divisor": 8, "stem_shift": True, "dropout": 0.0}
     model, to_input, export = build_pretrainer(backbone, num_classes=16, motion_cells=12, model_args=args)
     out = model(to_input(torch.zeros(2, 8, 32, 32, 3, dtype=torch.uint8)))
     assert out["clip"].shape == (2, 16) and out["motion"].shape[:2] == (2, 12)
@@ -80,7 +80,7 @@ def test_exported_weights_load_with_the_real_loaders(tmp_path, backbone):
         reference = model.i3d.state_dict()
         assert all(torch.equal(value, reference[key]) for key, value in loaded.model.state_dict().items())
     else:
-        streaming = StreamingSegmenter(num_classes=3, width_mult=0.35, temporal_shift=True, shift_divisor=8,
+        streaming = StreamingSegmenter(num_classes=3, width_mult=0.35, temporal_shift=True, shift_divisor=8, stem_shift=True,
                                        memory_channels=8, head="tcn", head_layers=2, head_channels=8, dropout=0.0,
                                        norm="batch")
         load_pretrained_backbone(streaming, str(path))

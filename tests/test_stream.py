@@ -22,7 +22,8 @@ from etesvs.stream import SegmentTracker, load_stream_model, run_stream
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 CLASSES = ["background", "wave", "point"]
-MODEL_ARGS = {"num_classes": 3, "width_mult": 0.35, "temporal_shift": False, "shift_divisor": 8, "memory_channels": 8,
+MODEL_ARGS = {"num_classes": 3, "width_mult": 0.35, "temporal_shift": False, "shift_divisor": 8, "stem_shift": False,
+              "memory_channels": 8,
               "head": "causal_tcn", "head_layers": 3, "head_channels": 8, "dropout": 0.0, "norm": "group"}
 
 

@@ -26,8 +26,8 @@ from etesvs.errors import EtesvsError
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-TINY = {"width_mult": 0.35, "temporal_shift": False, "shift_divisor": 8, "memory_channels": 8, "head": "causal_tcn", "head_layers": 3,
-        "head_channels": 8, "norm": "batch"}
+TINY = {"width_mult": 0.35, "temporal_shift": False, "shift_divisor": 8, "stem_shift": False, "memory_channels": 8,
+        "head": "causal_tcn", "head_layers": 3, "head_channels": 8, "norm": "batch"}
 
 
 def tiny_model(**overrides) -> StreamingSegmenter:
@@ -312,7 +312,8 @@ def stage_workdir(root: Path, default_params: dict, **train) -> Path:
     section["train"].update(train)
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
-    params = {"seed": 0, "window": 8, "dataset": {"sample_rate": 1}, "streaming": section}
+    section["data"]["sample_rate"] = 1
+    params = {"seed": 0, "window": 8, "streaming": section}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 
@@ -357,7 +358,8 @@ def test_stage_end_to_end_and_resume(tmp_path, default_params):
     assert (workdir / "train" / "curves.csv").read_text().splitlines() == curves
     # A bad setting stops with one line naming it.
     params = yaml.safe_load((workdir / "params.yaml").read_text())
-    params.update(window=7, dataset={"sample_rate": 2})
+    params.update(window=7)
+    params["streaming"]["data"]["sample_rate"] = 2
     (workdir / "params.yaml").write_text(yaml.safe_dump(params))
     bad = subprocess.run(command, capture_output=True, text=True, env=_environment(), cwd=workdir, timeout=120)
     assert bad.returncode == 1 and bad.stderr.strip().startswith("error: params.yaml: streaming:")

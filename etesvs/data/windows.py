@@ -166,8 +166,10 @@ def normalize_frames(frames: torch.Tensor) -> torch.Tensor:
     return (frames.to(torch.float32) / 255.0 - mean) / std
 
 
-def _augment(frames: torch.Tensor, rng: np.random.Generator, *, image_size: int, flip: bool) -> torch.Tensor:
-    """Random resized crop, optional horizontal flip and colour jitter, the same for all frames (T, 3, H, W) uint8."""
+def _augment(frames: torch.Tensor, rng: np.random.Generator, *, image_size: int, flip: bool,
+             colors: bool) -> torch.Tensor:
+    """Random resized crop, optional horizontal flip and colour jitter, the same for all frames (T, 3, H, W) uint8;
+    with ``colors`` also a random hue shift and order of the RGB channels (scenes whose palettes differ)."""
     from torchvision.transforms.v2 import functional as TF
 
     height, width = frames.shape[-2:]
@@ -183,6 +185,9 @@ def _augment(frames: torch.Tensor, rng: np.random.Generator, *, image_size: int,
     frames = TF.adjust_brightness(frames, rng.uniform(0.8, 1.2))
     frames = TF.adjust_contrast(frames, rng.uniform(0.8, 1.2))
     frames = TF.adjust_saturation(frames, rng.uniform(0.8, 1.2))
+    if colors:
+        frames = TF.adjust_hue(frames, rng.uniform(-0.5, 0.5))
+        frames = frames[:, rng.permutation(3)]
     return frames
 
 
@@ -210,6 +215,8 @@ class VideoWindows(Dataset):
             help a model generalise to new scenes but slow down learning from scratch a lot on small data.
         flip: also flip horizontally half of the windows in training (not for data where left and right, or the
             direction of a rotation, tell classes apart).
+        colors: with ``augment``, also a random hue and order of the colour channels per window (for data where
+            colours differ between scenes but do not tell classes apart, as the demo's subjects).
         seed: augmentation parameters are drawn from a generator seeded by (seed, epoch, video, window), so they do
             not depend on the number of workers or processes.
     """
@@ -226,6 +233,7 @@ class VideoWindows(Dataset):
         train: bool = False,
         augment: bool = False,
         flip: bool = False,
+        colors: bool = False,
         seed: int = 0,
     ) -> None:
         if sample_rate < 1 or window < 1 or window % sample_rate:
@@ -240,6 +248,7 @@ class VideoWindows(Dataset):
         self.train = train
         self.augment = augment
         self.flip = flip
+        self.colors = colors
         self.seed = seed
         self.labels = {video: load_labels(labels_dir, video) for video in self.videos}
         self.readers = {video: FrameReader(frames_path(self.frames_dir, video)) for video in self.videos}
@@ -299,7 +308,7 @@ class VideoWindows(Dataset):
             raise EtesvsError(f"{reader.path}: cannot decode frames {start}..{stop - 1} ({error})") from None
         if self.train and self.augment:
             rng = np.random.default_rng([self.seed, ref.epoch, ref.video, ref.window])
-            frames = _augment(frames, rng, image_size=self.image_size, flip=self.flip)
+            frames = _augment(frames, rng, image_size=self.image_size, flip=self.flip, colors=self.colors)
         else:
             frames = resize_frames(frames, self.image_size)
         count = frames.shape[0]

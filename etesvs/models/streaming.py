@@ -87,15 +87,19 @@ def temporal_shift(x: torch.Tensor, num_frames: int, divisor: int) -> torch.Tens
     return shifted.flatten(0, 1)  # (N, T, C, H, W) -> (N*T, C, H, W)
 
 
-def run_backbone(backbone: nn.Sequential, frames: torch.Tensor, *, num_frames: int, shift_divisor: int) -> torch.Tensor:
+def run_backbone(backbone: nn.Sequential, frames: torch.Tensor, *, num_frames: int, shift_divisor: int,
+                 stem_shift: bool) -> torch.Tensor:
     """MobileNetV2 ``features`` on clips of ``num_frames`` frames, with TSM's residual temporal shift of
-    1/``shift_divisor`` of the channels each way (0: no shift).
+    1/``shift_divisor`` of the channels each way (0: no shift), and with ``stem_shift`` a plain shift of the stem's
+    output before the first inverted residual block.
 
     Shapes: (N * T, 3, H, W) -> (N * T, C, H/32, W/32).
     """
     x = frames
-    for layer in backbone:
-        if shift_divisor and isinstance(layer, InvertedResidual) and layer.use_res_connect:
+    for index, layer in enumerate(backbone):
+        if shift_divisor and stem_shift and index == 1:
+            x = layer(temporal_shift(x, num_frames, shift_divisor))
+        elif shift_divisor and isinstance(layer, InvertedResidual) and layer.use_res_connect:
             # TSM's residual shift: the shortcut keeps the frame's own features, the branch mixes in its neighbours.
             x = x + layer.conv(temporal_shift(x, num_frames, shift_divisor))
         else:
@@ -145,6 +149,9 @@ class StreamingSegmenter(nn.Module):
         temporal_shift: insert a temporal shift in the residual branch of MobileNetV2's residual blocks.
         shift_divisor: with ``temporal_shift``, 1/shift_divisor of the channels move one frame forward in time and
             1/shift_divisor one frame backward (TSM: 8).
+        stem_shift: with ``temporal_shift``, also shift the stem's output (in place, TSM's plain variant) before the
+            first inverted residual block, so frame differences can form at half resolution: at narrow widths the
+            residual blocks shift only a channel or two each way.
         memory_channels: M, channels of the reduced feature map and of the ConvLSTM.
         head: ``"tcn"`` (dilated TCN over the window only) or ``"causal_tcn"`` (causal, sees previous windows).
         head_layers: dilated layers of the head (dilations 1, 2, ..., 2**(head_layers - 1)).
@@ -164,6 +171,7 @@ class StreamingSegmenter(nn.Module):
         width_mult: float,
         temporal_shift: bool,
         shift_divisor: int,
+        stem_shift: bool,
         memory_channels: int,
         head: str,
         head_layers: int,
@@ -182,6 +190,7 @@ class StreamingSegmenter(nn.Module):
         self.backbone = mobilenet.features
         self.temporal_shift = temporal_shift
         self.shift_divisor = shift_divisor
+        self.stem_shift = stem_shift
         self.channels_last = False  # see prepare_for_inference
         self.causal = head == "causal_tcn"
         backbone_channels = self.backbone[-1].out_channels
@@ -214,7 +223,7 @@ class StreamingSegmenter(nn.Module):
         """MobileNetV2 features of clips of ``num_frames`` frames: (N * T, 3, H, W) -> (N * T, 1280, H/32, W/32)."""
         x = frames.contiguous(memory_format=torch.channels_last) if self.channels_last else frames
         shift = self.shift_divisor if self.temporal_shift else 0
-        return run_backbone(self.backbone, x, num_frames=num_frames, shift_divisor=shift)
+        return run_backbone(self.backbone, x, num_frames=num_frames, shift_divisor=shift, stem_shift=self.stem_shift)
 
     def initial_state(self, batch_size: int, feature_size: tuple[int, int], *, device=None, dtype=None) -> StreamState:
         """The state at the start of a video: all zeros, an empty head cache."""
