@@ -43,6 +43,7 @@ import torch
 import torchvision
 from torch import nn
 from torch.nn import functional as F
+from tqdm import tqdm
 
 from etesvs.data import pretrain_corpus
 from etesvs.data.pretrain_corpus import Corpus, read_corpus
@@ -325,7 +326,8 @@ def _epoch_function(model: nn.Module, optimizer: torch.optim.Optimizer, data: di
         generator = torch.Generator().manual_seed(seed * 1000 + epoch)
         order = train_index[torch.randperm(len(train_index), generator=generator)]
         totals = {"loss": 0.0, "motion_loss": 0.0, "class_loss": 0.0}
-        for step in range(steps_per_epoch):
+        bar = tqdm(range(steps_per_epoch), desc="  batches", leave=False, dynamic_ncols=True)
+        for step in bar:
             lr = one_cycle_lr((epoch - 1) * steps_per_epoch + step, total_steps, max_lr=train["lr"],
                               warmup_fraction=train["warmup_fraction"])  # fmt: skip
             for group in optimizer.param_groups:
@@ -343,6 +345,7 @@ def _epoch_function(model: nn.Module, optimizer: torch.optim.Optimizer, data: di
             scaler.update()
             for key, part in (("loss", "loss"), ("motion_loss", "motion"), ("class_loss", "clip")):
                 totals[key] += float(losses[part].detach())
+            bar.set_postfix(loss=f"{float(losses['loss'].detach()):.3f}")
         return {key: value / steps_per_epoch for key, value in totals.items()}
 
     return one_epoch

@@ -296,7 +296,8 @@ def _log_tensorboard(writer: Any, row: dict[str, Any]) -> None:
 
 
 def _epoch_line(name: str, row: dict[str, Any], epochs: int, improved: bool) -> str:
-    scores = [f"{key[4:]} {value:.1f}" for key, value in row.items() if key.startswith("val_")]
+    scores = [f"{key[4:]} {value:.1f}" if abs(value) >= 1 else f"{key[4:]} {value:.4f}"
+              for key, value in row.items() if key.startswith("val_")]
     val = f", val {' '.join(scores)}" if scores else ""
     return (f"{name} epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f}{val} "
             f"({row['seconds']:.0f} s){' *' if improved else ''}")
