@@ -129,6 +129,11 @@ def test_fit_learns_selects_and_writes_every_output(tmp_path):
     assert last["epoch"] == 6 and last["classes"] == ["a", "b", "c"] and last["model_args"] == {"in": DIM}
     assert (tmp_path / "curves.csv").read_text().startswith("epoch,train_loss,val_acc,val_edit,val_f1_50\n")
     assert any((tmp_path / "tb").iterdir()) and len(messages) == 6 and messages[0].startswith("toy epoch 1/6: loss")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()  # the tags every model writes, so all overlay
+    assert {"train/loss", "val/acc", "val/edit", "val/f1_50"} <= set(events.Tags()["scalars"])
+    assert [event.step for event in events.Scalars("val/acc")] == [1, 2, 3, 4, 5, 6]
 
     features, labels = _toy_data()
     summary = predict_test(name="toy", model=family.model, predict=family.predict, test_videos=["v5", "v4"],
