@@ -281,8 +281,7 @@ def train_streaming(
     """
     frames_dir, labels_dir = Path(frames_dir), Path(labels_dir)
     section, seed, window = params["streaming"], params["seed"], params["window"]
-    train, data = section["train"], section["data"]
-    sample_rate = data["sample_rate"]
+    train, data, sample_rate = section["train"], section["data"], section["data"]["sample_rate"]
     check_settings(train, data, window=window, sample_rate=sample_rate)
     if train["num_threads"] > 0:
         torch.set_num_threads(train["num_threads"])
@@ -316,8 +315,7 @@ def train_streaming(
         name=MODEL_NAME, model=model, optimizer=optimizer, train_one_epoch=one_epoch, validate=validate,
         epochs=train["epochs"], seed=seed, paths=paths,
         fingerprint=run_fingerprint(config), model_args=model_args, metadata=metadata, dist=dist, scaler=scaler,
-        scheduler=scheduler,
-        inputs=[frames_dir, labels_dir],
+        scheduler=scheduler, inputs=[frames_dir, labels_dir],
     )
     if not dist.is_main:
         return {}
