@@ -360,7 +360,9 @@ def _validation_function(data: dict[str, torch.Tensor], *, to_input: Callable[[t
     chosen = train_index[torch.randperm(len(train_index), generator=torch.Generator().manual_seed(seed))]
     calibration = central_crop(data["clips"][chosen[: train["calibration_clips"]]],
                                data["motion"][chosen[: train["calibration_clips"]]], num_frames)[0]  # fmt: skip
-    holdout = data["holdout"]
+    holdout = data["holdout"]  # the held-out clips and targets, gathered once rather than every epoch
+    clips = data["clips"][holdout]
+    labels, motion = data["labels"][holdout].to(device), data["motion"][holdout].to(device)
 
     def to_device(clips: torch.Tensor) -> torch.Tensor:
         return to_input(clips).to(device)
@@ -368,9 +370,7 @@ def _validation_function(data: dict[str, torch.Tensor], *, to_input: Callable[[t
     def validate(model: nn.Module) -> dict[str, float]:
         if len(calibration):
             recalibrate_batch_norm(model, calibration, to_input=to_device, batch_size=batch_size)
-        return evaluate(model, data["clips"][holdout], data["labels"][holdout].to(device),
-                        data["motion"][holdout].to(device), to_input=to_device, num_frames=num_frames,
-                        batch_size=batch_size)  # fmt: skip
+        return evaluate(model, clips, labels, motion, to_input=to_device, num_frames=num_frames, batch_size=batch_size)
 
     return validate
 
