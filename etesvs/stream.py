@@ -251,30 +251,30 @@ class WindowLabels:
 
 
 class _Normalizer:
-    """uint8 frames (n, H, W, 3) -> the model's input (1, T, 3, S, S) float, each frame channels-last, and its mask.
+    """uint8 frames (n, H, W, 3) -> the model's input (1, n, 3, S, S) float, each frame channels-last, and its mask.
 
     (x / 255 - mean) / std is one multiply-add per pixel, done in ffmpeg's (H, W, 3) order; frames of another size
-    (display frames) are first squeezed to S x S like the training frames.
+    (display frames) are first squeezed to S x S like the training frames. A video's last window, shorter than the
+    others, is not padded: the model labels its real frames exactly as it would in a padded window (padding frames
+    only ever contribute zeros), so a short window costs only its own frames.
     """
 
-    def __init__(self, stream_model: StreamModel, device: torch.device, frames_per_window: int) -> None:
+    def __init__(self, stream_model: StreamModel, device: torch.device) -> None:
         std = torch.tensor(stream_model.std, dtype=torch.float32, device=device)
         self.scale, self.shift = 1.0 / (255.0 * std), -torch.tensor(stream_model.mean, device=device) / std
-        self.size, self.length, self.device = stream_model.image_size, frames_per_window, device
+        self.size, self.device = stream_model.image_size, device
 
     def __call__(self, fed: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        frames = torch.from_numpy(fed).to(self.device)  # (n', H, W, 3) uint8
+        frames = torch.from_numpy(fed).to(self.device)  # (n, H, W, 3) uint8
         if frames.shape[1:3] != (self.size, self.size):
             from torchvision.transforms.v2 import functional as TF
 
-            frames = TF.resize(frames.permute(0, 3, 1, 2), [self.size, self.size], antialias=True)  # (n', 3, S, S)
-            frames = frames.permute(0, 2, 3, 1)  # (n', 3, S, S) -> (n', S, S, 3)
-        full = len(frames) == self.length
-        values = (torch.empty if full else torch.zeros)(1, self.length, self.size, self.size, 3, device=self.device)
-        values[0, : len(frames)].copy_(frames).mul_(self.scale).add_(self.shift)
-        mask = torch.zeros(1, self.length, dtype=torch.bool, device=self.device)
-        mask[0, : len(frames)] = True
-        return values.permute(0, 1, 4, 2, 3), mask  # (1, T, S, S, 3) -> (1, T, 3, S, S)
+            frames = TF.resize(frames.permute(0, 3, 1, 2), [self.size, self.size], antialias=True)  # (n, 3, S, S)
+            frames = frames.permute(0, 2, 3, 1)  # (n, 3, S, S) -> (n, S, S, 3)
+        values = torch.empty(1, len(frames), self.size, self.size, 3, device=self.device)
+        values[0].copy_(frames).mul_(self.scale).add_(self.shift)
+        mask = torch.ones(1, len(frames), dtype=torch.bool, device=self.device)
+        return values.permute(0, 1, 4, 2, 3), mask  # (1, n, S, S, 3) -> (1, n, 3, S, S)
 
 
 @torch.inference_mode()
@@ -298,7 +298,7 @@ def stream_labels(
         raise EtesvsError(f"window {window} is not a multiple of the model's sample rate {sample_rate}")
     model = stream_model.model
     device = next(model.parameters()).device
-    normalize = _Normalizer(stream_model, device, window // sample_rate)
+    normalize = _Normalizer(stream_model, device)
     size = None if display else stream_model.image_size
     chunks = read_ahead(read_frames(video, fps=fps or stream_model.fps, image_size=size, frame_size=display,
                                     chunk=window, live=live))  # fmt: skip

@@ -109,6 +109,24 @@ def test_padding_content_does_not_matter():
         torch.testing.assert_close(first[key], second[key])
 
 
+@pytest.mark.parametrize("head", ["tcn", "causal_tcn"])
+def test_a_short_last_window_labels_as_the_padded_window(head):
+    # The stream does not pad a video's last window: its real frames must get the padded window's outputs and state.
+    model = tiny_model(temporal_shift=True, stem_shift=True, head=head).eval()
+    frames = torch.randn(1, 6, 3, 32, 32)
+    first = torch.randn(1, 6, 3, 32, 32)
+    padded_mask = torch.ones(1, 6, dtype=torch.bool)
+    padded_mask[0, 4:] = False
+    with torch.no_grad():
+        _, state = model(first, torch.ones(1, 6, dtype=torch.bool))
+        padded, padded_state = model(frames, padded_mask, state)
+        short, short_state = model(frames[:, :4], padded_mask[:, :4], state)
+    torch.testing.assert_close(short["head_logits"], padded["head_logits"][:, :, :4], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(short["memory_logits"], padded["memory_logits"][:, :, :4], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(short["backbone_logits"], padded["backbone_logits"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(short_state.hidden, padded_state.hidden, atol=1e-5, rtol=1e-4)
+
+
 def test_temporal_shift_moves_channels_between_neighbours():
     x = torch.arange(2 * 3 * 16, dtype=torch.float32).view(2 * 3, 16, 1, 1)  # 2 clips of 3 frames, 16 channels
     shifted = temporal_shift(x, 3, 8).view(2, 3, 16)
