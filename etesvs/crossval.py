@@ -45,11 +45,24 @@ def plan(overrides: Sequence[str], root: Path) -> dict[str, Any]:
 def run(overrides: Sequence[str], root: Path) -> dict[str, Any]:
     """Queue one experiment per split and run the queue; the experiments' results stay in DVC."""
     covered = plan(overrides, root)
+    # A rerun replaces the experiments of an earlier one. Not with `exp run --force`: that would also re-run every
+    # stage, while stages whose inputs did not change (frames, features, pretraining) are restored from the cache.
+    earlier = set(_dvc_output(["exp", "list", "--name-only"], root).split())
+    stale = [name for name in covered["names"].values() if name in earlier]
+    if stale:
+        _dvc(["exp", "remove", *stale], root)
     for split, name in covered["names"].items():
         settings = [arg for item in (*overrides, f"dataset.split={split}") for arg in ("-S", item)]
-        _dvc(["exp", "run", "--queue", "--force", "--name", name, *settings], root)
+        _dvc(["exp", "run", "--queue", "--name", name, *settings], root)
     _dvc(["exp", "run", "--run-all", "--jobs", "1"], root)
     return covered
+
+
+def _dvc_output(args: list[str], root: Path) -> str:
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise EtesvsError(f"dvc {' '.join(args)}: exited with {done.returncode}: {done.stderr.strip()[-500:]}")
+    return done.stdout
 
 
 def _dvc(args: list[str], root: Path) -> None:
