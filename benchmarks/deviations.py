@@ -20,14 +20,11 @@ from etesvs.params import project_root
 
 # row name -> (model, overrides that give the published behaviour)
 ROWS = {
-    "mstcn-whole-split": ("mstcn", ["mstcn.train.val_fraction=0"]),
     "mstcn-50ep": ("mstcn", ["mstcn.train.epochs=50"]),
-    "asrf-whole-split": ("asrf", ["asrf.train.val_fraction=0"]),
     "asrf-50ep": ("asrf", ["asrf.train.epochs=50"]),
     "asrf-4x4-stages": ("asrf", ["asrf.model.num_stages_segmentation=4", "asrf.model.num_stages_boundary=4"]),
     "asrf-softmax-time": ("asrf", ["asrf.loss.smoothing_softmax_over=time"]),
     "asrf-tie-published": ("asrf", ["asrf.model.tie_break=published"]),
-    "asformer-whole-split": ("asformer", ["asformer.train.val_fraction=0"]),
     "asformer-120ep": ("asformer", ["asformer.train.epochs=120"]),
     "asformer-mask-published": ("asformer", ["asformer.model.attention_mask=published"]),
     "asformer-3x10": ("asformer", ["asformer.model.num_decoders=3", "asformer.model.num_layers=10"]),

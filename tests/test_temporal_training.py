@@ -42,11 +42,13 @@ def feature_data(tmp_path_factory) -> tuple[Path, Path]:
     return make_feature_data(tmp_path_factory.mktemp("features"))
 
 
-def small_params(default_params: dict, name: str, *, epochs: int = 2, lr: float = 0.01, sample_rate: int = 2) -> dict:
-    """The stage's params as conf/ composes them, with a small model and a short, fast training."""
+def small_params(default_params: dict, name: str, *, epochs: int = 2, lr: float = 0.01, sample_rate: int = 2,
+                 val_fraction: float = 0.2) -> dict:
+    """The stage's params as conf/ composes them, with a small model and a short, fast training (by default with a
+    hold-out for checkpoint selection)."""
     section = copy.deepcopy(default_params[name])
     section["model"].update(SMALL[name])
-    section["train"].update(epochs=epochs, lr=lr, num_threads=0)
+    section["train"].update(epochs=epochs, lr=lr, num_threads=0, val_fraction=val_fraction)
     return {"seed": 0, "dataset": {"sample_rate": sample_rate}, name: section}
 
 
@@ -81,6 +83,19 @@ def test_every_model_trains_and_predicts(feature_data, default_params, tmp_path,
     assert _check_outputs(tmp_path, labels, name, 2) == json.loads(
         (tmp_path / "predictions" / name / "model.json").read_text())
     assert summary["sample_rate"] == 2 and summary["model_args"]["in_channels"] == DIM
+
+
+def test_without_hold_out_the_whole_train_split_trains_and_the_last_epoch_is_kept(feature_data, default_params,
+                                                                                 tmp_path):
+    assert default_params["mstcn"]["train"]["val_fraction"] == 0  # the published code's protocol is the default
+    features, labels = feature_data
+    params = small_params(default_params, "mstcn", val_fraction=0.0)
+    train_temporal("mstcn", params, features_file=features, labels_dir=labels, paths=_paths(tmp_path, "mstcn"),
+                   dist=setup_distributed())
+    summary = json.loads((tmp_path / "predictions" / "mstcn" / "model.json").read_text())
+    assert summary["val_videos"] == []
+    best = load_checkpoint(tmp_path / "models" / "mstcn" / "best.pt")
+    assert best["epoch"] == 2 and not any(key.startswith("val_") for key in best["history"][-1])
 
 
 def test_mstcn_learns_an_easy_problem(feature_data, default_params, tmp_path):
