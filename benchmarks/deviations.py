@@ -14,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from etesvs.crossval import _dvc, collect
+from etesvs.crossval import collect, run_experiments
 from etesvs.errors import EtesvsError, run_main
 from etesvs.params import project_root
 
@@ -41,10 +41,7 @@ SHOWN = (("acc", "Acc"), ("edit", "Edit"), ("f1_50", "F1@50"))
 
 
 def run(root: Path) -> None:
-    for row, (_, overrides) in ROWS.items():
-        settings = [arg for item in overrides for arg in ("-S", item)]
-        _dvc(["exp", "run", "--queue", "--force", "--name", f"dev-{row}", *settings], root)
-    _dvc(["exp", "run", "--run-all", "--jobs", "1"], root)
+    run_experiments({f"dev-{row}": overrides for row, (_, overrides) in ROWS.items()}, root)
 
 
 def _workspace_metrics(root: Path) -> dict[str, dict[str, float]]:

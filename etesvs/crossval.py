@@ -45,30 +45,32 @@ def plan(overrides: Sequence[str], root: Path) -> dict[str, Any]:
 def run(overrides: Sequence[str], root: Path) -> dict[str, Any]:
     """Queue one experiment per split and run the queue; the experiments' results stay in DVC."""
     covered = plan(overrides, root)
-    # A rerun replaces the experiments of an earlier one. Not with `exp run --force`: that would also re-run every
-    # stage, while stages whose inputs did not change (frames, features, pretraining) are restored from the cache.
-    earlier = set(_dvc_output(["exp", "list", "--name-only"], root).split())
-    stale = [name for name in covered["names"].values() if name in earlier]
-    if stale:
-        _dvc(["exp", "remove", *stale], root)
-    for split, name in covered["names"].items():
-        settings = [arg for item in (*overrides, f"dataset.split={split}") for arg in ("-S", item)]
-        _dvc(["exp", "run", "--queue", "--name", name, *settings], root)
-    _dvc(["exp", "run", "--run-all", "--jobs", "1"], root)
+    run_experiments({name: [*overrides, f"dataset.split={split}"] for split, name in covered["names"].items()}, root)
     return covered
 
 
-def _dvc_output(args: list[str], root: Path) -> str:
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise EtesvsError(f"dvc {' '.join(args)}: exited with {done.returncode}: {done.stderr.strip()[-500:]}")
-    return done.stdout
+def run_experiments(experiments: dict[str, list[str]], root: Path) -> None:
+    """Queue one DVC experiment per name with its ``-S`` overrides and run the queue, one at a time.
+
+    Experiments of the same names from an earlier run are replaced. Not with ``exp run --force``: that would also
+    re-run every stage, while stages whose inputs did not change (data, pretraining) come from the cache.
+    """
+    earlier = set(_dvc(["exp", "list", "--name-only"], root, capture=True).split())
+    stale = [name for name in experiments if name in earlier]
+    if stale:
+        _dvc(["exp", "remove", *stale], root)
+    for name, overrides in experiments.items():
+        _dvc(["exp", "run", "--queue", "--name", name, *[arg for item in overrides for arg in ("-S", item)]], root)
+    _dvc(["exp", "run", "--run-all", "--jobs", "1"], root)
 
 
-def _dvc(args: list[str], root: Path) -> None:
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root)
+def _dvc(args: list[str], root: Path, *, capture: bool = False) -> str:
+    """``dvc ARGS`` in ``root``; its output goes to the terminal, or with ``capture`` is returned."""
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, capture_output=capture, text=True)
     if done.returncode != 0:
-        raise EtesvsError(f"dvc {' '.join(args)}: exited with {done.returncode} (see its output above)")
+        reason = done.stderr.strip()[-500:] if capture else "see its output above"
+        raise EtesvsError(f"dvc {' '.join(args)}: exited with {done.returncode} ({reason})")
+    return done.stdout or ""
 
 
 def collect(names: dict[int, str], root: Path) -> dict[int, dict[str, dict[str, float]]]:

@@ -62,7 +62,7 @@ def test_crossval_runs_every_split_as_an_experiment_and_reports(tmp_path):
     # The generators and the pretraining do not depend on the split: no experiment re-runs them. (Frames and
     # features are extracted again: their stages read the labels directory, which holds the split, and a randomly
     # initialised I3D calibrates its BatchNorm on the split's training videos.)
-    for attempt in range(2):  # the second run replaces the first one's experiments
+    for _ in range(2):  # the second run replaces the first one's experiments
         done = _run([sys.executable, "-m", "etesvs.crossval", "run", "experiment=tiny"], tmp_path)
         output = done.stdout + done.stderr
         assert done.returncode == 0, output[-6000:]
