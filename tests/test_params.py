@@ -34,7 +34,7 @@ def test_dataset_switch_changes_every_dataset_fact(tmp_path):
 
 def test_window_override(tmp_path):
     params = composed_params(tmp_path, "window=120")
-    assert params["window"] == 120 and params["dataset"]["window"] == 32
+    assert params["window"] == 120 and params["dataset"]["window"] == 64
 
 
 def _changes(base, other, prefix=""):
