@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 
 from etesvs.crossval import collect, run_experiments
-from etesvs.errors import EtesvsError, run_main
+from etesvs.errors import run_main
 from etesvs.params import project_root
+from etesvs.results import workspace_metrics
 
 # row name -> (model, overrides that give the published behaviour)
 ROWS = {
@@ -44,22 +45,9 @@ def run(root: Path) -> None:
     run_experiments({f"dev-{row}": overrides for row, (_, overrides) in ROWS.items()}, root)
 
 
-def _workspace_metrics(root: Path) -> dict[str, dict[str, float]]:
-    """The committed defaults' scores: reports/<model>/metrics.json of the workspace."""
-    import json
-
-    metrics = {}
-    for model in sorted({model for model, _ in ROWS.values()}):
-        path = root / "reports" / model / "metrics.json"
-        if not path.is_file():
-            raise EtesvsError(f"{path}: not found (run `make repro` first)")
-        metrics[model] = json.loads(path.read_text())
-    return metrics
-
-
 def report(root: Path) -> str:
     results = collect({row: f"dev-{row}" for row in ROWS}, root)
-    base = _workspace_metrics(root)
+    base = workspace_metrics(root, sorted({model for model, _ in ROWS.values()}))
     lines = ["| row | overrides | " + " | ".join(label for _, label in SHOWN) + " |", "|---|---|---|---|---|"]
     for model in sorted(base):
         cells = " | ".join(f"{base[model][key]:.1f}" for key, _ in SHOWN)

@@ -335,15 +335,20 @@ def summary_markdown(reports: Mapping[str, Mapping[str, object]]) -> str:
     lines = ["| " + " | ".join(name for name, _ in SUMMARY_COLUMNS) + " |"]
     lines.append("|" + "|".join("---" for _ in SUMMARY_COLUMNS) + "|")
     for model, metrics in reports.items():
-        cells = [model]
-        for _, key in SUMMARY_COLUMNS[1:]:
-            value = metrics.get(key)
-            if key in ("params_m", "mflops"):
-                cells.append(format_count(None if value is None else value * 1e6))
-            else:
-                cells.append("-" if value is None else f"{value:.1f}")
-        lines.append("| " + " | ".join(cells) + " |")
+        lines.append("| " + " | ".join(summary_cells(model, metrics)) + " |")
     return "\n".join(lines) + "\n"
+
+
+def summary_cells(model: str, metrics: dict) -> list[str]:
+    """One model's cells in the columns of SUMMARY_COLUMNS: sizes in readable units, scores with one decimal."""
+    cells = [model]
+    for _, key in SUMMARY_COLUMNS[1:]:
+        value = metrics.get(key)
+        if key in ("params_m", "mflops"):
+            cells.append(format_count(None if value is None else value * 1e6))
+        else:
+            cells.append("-" if value is None else f"{value:.1f}")
+    return cells
 
 
 def write_report(

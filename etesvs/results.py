@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from etesvs.errors import EtesvsError, run_main
-from etesvs.evaluate import SUMMARY_COLUMNS, format_count
+from etesvs.evaluate import SUMMARY_COLUMNS, summary_cells
 from etesvs.io import read_json
 from etesvs.params import project_root
 
@@ -48,15 +48,7 @@ def models_table(root: Path) -> str:
         path = root / "reports" / model / "metrics.json"
         if not path.is_file():
             continue
-        metrics = read_json(path)
-        cells = [model]
-        for _, key in SUMMARY_COLUMNS[1:]:
-            value = metrics.get(key)
-            if key in ("params_m", "mflops"):
-                cells.append(format_count(None if value is None else value * 1e6))
-            else:
-                cells.append("-" if value is None else f"{value:.1f}")
-        rows.append(cells)
+        rows.append(summary_cells(model, read_json(path)))
     if not rows:
         raise EtesvsError(f"{root / 'reports'}: no reports/<model>/metrics.json yet (run `make repro`)")
     return _table([name for name, _ in SUMMARY_COLUMNS], rows)
@@ -126,15 +118,20 @@ def compare_metrics(
     return _table(header, rows), ok
 
 
-def compare(root: Path, rev: str, tolerance: float) -> bool:
-    """Print how the workspace's metrics compare with those committed at ``rev``; True if all are within."""
-    reproduced = {}
-    for model in MODELS:
+def workspace_metrics(root: Path, models: Sequence[str] = MODELS) -> dict[str, dict[str, Any]]:
+    """Each model's ``reports/<model>/metrics.json`` in the workspace; every one must exist."""
+    metrics = {}
+    for model in models:
         path = root / "reports" / model / "metrics.json"
         if not path.is_file():
             raise EtesvsError(f"{path}: missing (run `make repro` first)")
-        reproduced[model] = read_json(path)
-    table, ok = compare_metrics(committed_metrics(root, rev), reproduced, tolerance)
+        metrics[model] = read_json(path)
+    return metrics
+
+
+def compare(root: Path, rev: str, tolerance: float) -> bool:
+    """Print how the workspace's metrics compare with those committed at ``rev``; True if all are within."""
+    table, ok = compare_metrics(committed_metrics(root, rev), workspace_metrics(root), tolerance)
     print(f"Reproduced here (workspace) against committed at {rev}, percent points:\n")
     print(table)
     verdict = "every score within" if ok else "NOT every score within"
