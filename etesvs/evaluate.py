@@ -401,7 +401,7 @@ def write_report(
 
 
 def summary_caption(params: Mapping[str, Any]) -> str:
-    """What the summary table is, from the params of stage summarize: ``seed``, ``dataset.name``,
+    """What the summary table is, from the params of stage summarize: ``seed``, ``cpu_kernels``, ``dataset.name``,
     ``dataset.split``, ``demo.seed``, ``features.weights`` and ``streaming.pretrained``."""
     dataset = params["dataset"]
     if dataset["name"] == "demo":
@@ -411,7 +411,9 @@ def summary_caption(params: Mapping[str, Any]) -> str:
         data = f"{dataset['name']}, split {dataset['split']}"
     features = params["features"]["weights"] or "a randomly initialised I3D"
     streaming = params["streaming"]["pretrained"] or "random initialisation"
-    text = (f"Test-split scores (%) on {data}; training seed {params['seed']}. The two-stage models (mstcn, asrf, "
+    kernels = ("CPU kernels pinned to AVX2 (cpu_kernels avx2: the same numbers on any x86 CPU with AVX2)"
+               if params["cpu_kernels"] == "avx2" else "this CPU's native kernels (cpu_kernels native)")
+    text = (f"Test-split scores (%) on {data}; training seed {params['seed']}, {kernels}. The two-stage models (mstcn, asrf, "
             f"asformer, frame_classifier) read frozen I3D features computed with {features}; etesvs is trained end "
             f"to end from a MobileNetV2 initialised with {streaming}.")
     if "_demo.pt" in f"{features} {streaming}":

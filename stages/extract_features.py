@@ -14,6 +14,7 @@ from pathlib import Path
 from etesvs.distributed import cleanup_distributed, setup_distributed
 from etesvs.errors import run_main
 from etesvs.features import FEATURES_FILE, extract_dataset_features
+from etesvs.numerics import use_cpu_kernels
 from etesvs.params import stage_params
 
 
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output directory (features.h5, info.json)")
     args = parser.parse_args(argv)
     params = stage_params("extract_features")
+    print(f"extract_features: CPU kernels {use_cpu_kernels(params['cpu_kernels'])}")
     dist = setup_distributed()
     try:
         result = extract_dataset_features(params["features"], seed=params["seed"], frames_dir=args.frames,

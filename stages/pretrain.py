@@ -15,6 +15,7 @@ import torch
 from etesvs.distributed import DistInfo
 from etesvs.errors import run_main
 from etesvs.io import check_output_file, write_json
+from etesvs.numerics import use_cpu_kernels
 from etesvs.params import stage_params
 from etesvs.pretrain import BACKBONES, pretrain_backbone
 from etesvs.training import RunPaths
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tensorboard", type=Path, required=True, help="TensorBoard log directory")
     args = parser.parse_args(argv)
     params = stage_params(f"pretrain@{args.backbone}")
+    kernels = use_cpu_kernels(params["cpu_kernels"])
     for path in (args.metrics, args.report):
         check_output_file(path, inputs=[args.corpus], suffixes=(".json",))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -40,7 +42,7 @@ def main(argv: list[str] | None = None) -> None:
                      tensorboard=args.tensorboard)  # fmt: skip
     result = pretrain_backbone(args.backbone, params["pretrain"][args.backbone], seed=params["seed"],
                                corpus_path=args.corpus, weights_path=args.weights, paths=paths, dist=dist)
-    write_json(args.report, result["weights"])
+    write_json(args.report, {**result["weights"], "cpu_kernels": kernels})
     write_json(args.metrics, result["metrics"])
     metrics = result["metrics"]
     print(f"pretrain {args.backbone}: held-out motion error {metrics['motion_err']:.4f}, motion-class "

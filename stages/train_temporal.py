@@ -12,6 +12,7 @@ from pathlib import Path
 from etesvs.distributed import cleanup_distributed, setup_distributed
 from etesvs.errors import run_main
 from etesvs.models.registry import TEMPORAL_MODELS
+from etesvs.numerics import use_cpu_kernels
 from etesvs.params import stage_params
 from etesvs.temporal_training import train_temporal
 from etesvs.training import RunPaths
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tensorboard", type=Path, required=True, help="TensorBoard log directory")
     args = parser.parse_args(argv)
     params = stage_params(f"train_temporal@{args.model}")
+    print(f"train_temporal@{args.model}: CPU kernels {use_cpu_kernels(params['cpu_kernels'])}")
     paths = RunPaths(checkpoints=args.checkpoints, predictions=args.predictions, curves=args.curves,
                      tensorboard=args.tensorboard)
     dist = setup_distributed()

@@ -396,7 +396,7 @@ def test_confusion_csv_lists_every_pair_of_classes():
 def test_summary_caption_says_what_the_table_is():
     from etesvs.evaluate import summary_caption
 
-    params = {"seed": 0, "dataset": {"name": "demo", "split": 1}, "demo": {"seed": 3},
+    params = {"seed": 0, "cpu_kernels": "avx2", "dataset": {"name": "demo", "split": 1}, "demo": {"seed": 3},
               "features": {"weights": "data/pretrained/i3d_demo.pt"},
               "streaming": {"pretrained": "data/pretrained/mobilenet_v2_demo.pt"}}
     caption = summary_caption(params)
@@ -407,3 +407,4 @@ def test_summary_caption_says_what_the_table_is():
                             "streaming": {"pretrained": ""}})
     assert real.startswith("Test-split scores (%) on gtea, split 2;") and "generated corpus" not in real
     assert "random initialisation" in real
+    assert "pinned to AVX2" in caption and "native kernels" in summary_caption({**params, "cpu_kernels": "native"})
