@@ -34,6 +34,7 @@ from etesvs.features import (
     read_clamped,
     video_features,
 )
+from tests.conftest import default_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:no I3D weights given:UserWarning")
 
@@ -343,7 +344,7 @@ def _stage_workdir(root: Path, **features) -> Path:
     """A working directory as DVC runs extract_features in (dvc.yaml, params.yaml with small chunks)."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
-    params = {"seed": 3, "features": {"weights": "", **BASE, **features}}
+    params = {"cpu_kernels": default_config()["cpu_kernels"], "seed": 3, "features": {"weights": "", **BASE, **features}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 

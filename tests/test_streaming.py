@@ -331,7 +331,7 @@ def stage_workdir(root: Path, default_params: dict, **train) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
     section["data"]["sample_rate"] = 1
-    params = {"seed": 0, "window": 8, "streaming": section}
+    params = {"cpu_kernels": default_params["cpu_kernels"], "seed": 0, "window": 8, "streaming": section}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 

@@ -49,7 +49,8 @@ def small_params(default_params: dict, name: str, *, epochs: int = 2, lr: float 
     section = copy.deepcopy(default_params[name])
     section["model"].update(SMALL[name])
     section["train"].update(epochs=epochs, lr=lr, num_threads=0, val_fraction=val_fraction)
-    return {"seed": 0, "dataset": {"sample_rate": sample_rate}, name: section}
+    return {"cpu_kernels": default_params["cpu_kernels"], "seed": 0, "dataset": {"sample_rate": sample_rate},
+            name: section}
 
 
 def _paths(root: Path, name: str) -> RunPaths:
