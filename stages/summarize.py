@@ -1,6 +1,6 @@
 """Stage summarize: one Markdown table comparing the models' reports/<model>/metrics.json, under a caption saying
-what the table is (params: ``seed``, ``cpu_kernels``, ``dataset.name``, ``dataset.split``, ``demo.seed``, ``features.weights``,
-``streaming.pretrained``)."""
+what the table is (params: ``seed``, ``cpu_kernels``, ``dataset.name``, ``dataset.split``, ``demo.seed``,
+``features.weights``, ``streaming.pretrained``)."""
 
 from __future__ import annotations
 

@@ -344,7 +344,8 @@ def _stage_workdir(root: Path, **features) -> Path:
     """A working directory as DVC runs extract_features in (dvc.yaml, params.yaml with small chunks)."""
     root.mkdir(parents=True, exist_ok=True)
     shutil.copy(ROOT / "dvc.yaml", root / "dvc.yaml")
-    params = {"cpu_kernels": default_config()["cpu_kernels"], "seed": 3, "features": {"weights": "", **BASE, **features}}
+    params = {"cpu_kernels": default_config()["cpu_kernels"], "seed": 3,
+              "features": {"weights": "", **BASE, **features}}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
 

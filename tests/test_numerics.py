@@ -20,7 +20,8 @@ said = use_cpu_kernels(sys.argv[1])
 torch.manual_seed(0)
 x = torch.nn.Conv2d(3, 8, 3)(torch.randn(2, 3, 16, 16)).sum().item()
 print(json.dumps({"said": said, "capability": torch.backends.cpu.get_cpu_capability(),
-                  "env": {key: os.environ.get(key) for key in ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "MKL_CBWR")}}))
+                  "env": {key: os.environ.get(key)
+                          for key in ("ATEN_CPU_CAPABILITY", "DNNL_MAX_CPU_ISA", "MKL_CBWR")}}))
 """
 
 AVX2 = torch.cpu._is_avx2_supported()
