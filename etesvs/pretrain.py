@@ -385,7 +385,7 @@ def check_settings(train: dict[str, Any], corpus: Corpus, *, where: str, corpus_
     length = corpus.clips.shape[1]
     if not 1 <= train["num_frames"] <= length:
         raise EtesvsError(f"{where}.num_frames: {train['num_frames']} frames, but {corpus_path} has clips of {length}")
-    for key in ("epochs", "batch_size"):
+    for key in ("epochs", "batch_size", "validate_every"):
         if train[key] < 1:
             raise EtesvsError(f"{where}.{key}: must be at least 1, got {train[key]}")
     if not 0 <= train["warmup_fraction"] < 1:
@@ -476,7 +476,8 @@ def pretrain_backbone(
 
     ``section`` is ``pretrain.<backbone>`` of params.yaml: ``model`` (see :func:`build_pretrainer`) and ``train``
     (``epochs``, ``batch_size``, ``lr``, ``weight_decay``, ``warmup_fraction``, ``motion_weight``, ``num_frames``,
-    ``calibration_clips``, ``amp``, ``num_threads``). Runs in one process, on the GPU when there is one.
+    ``calibration_clips``, ``validate_every``, ``amp``, ``num_threads``). Runs in one process, on the GPU when there
+    is one.
     """
     where = f"params.yaml: pretrain.{backbone}.train"
     corpus_path, weights_path = Path(corpus_path), Path(weights_path)
@@ -507,7 +508,8 @@ def pretrain_backbone(
     result = fit(name=name, model=model, optimizer=optimizer, train_one_epoch=one_epoch, validate=validate,
                  epochs=train["epochs"], seed=seed, paths=paths, fingerprint=fingerprint,
                  model_args={"backbone": backbone, **section["model"]}, metadata={"classes": list(corpus.classes)},
-                 dist=dist, scaler=scaler, select=lowest_motion_error, inputs=[corpus_path])  # fmt: skip
+                 dist=dist, scaler=scaler, select=lowest_motion_error, inputs=[corpus_path],
+                 validate_every=train["validate_every"])  # fmt: skip
     best = load_checkpoint(paths.checkpoints / "best.pt", map_location=device)
     unwrap_model(model).load_state_dict(best["model"])
     export(model, weights_path)

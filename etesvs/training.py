@@ -389,16 +389,20 @@ def _start(name: str, paths: RunPaths, fingerprint: str, *, model: nn.Module, op
 
 
 def _end_epoch(run: _Run, row: dict[str, Any], *, model: nn.Module, optimizer: Any, validate: Validate | None,
-               select: Callable[[dict[str, float]], float], paths: RunPaths, checkpoint: dict[str, Any]) -> bool:
+               select: Callable[[dict[str, float]], float], paths: RunPaths, checkpoint: dict[str, Any],
+               skipped: bool = False) -> bool:
     """On the main process: validate, append ``row`` to the history, write the checkpoints and the curves.
 
     Returns whether the epoch is the best so far (by ``select`` of the validation scores; without validation the
-    latest epoch is the best).
+    latest epoch is the best; an epoch that is not validated, ``validate`` None with a ``validate`` given to
+    :func:`fit`, is never the best).
     """
     if validate is not None:
         scores = validate(unwrap_model(model))
         row.update({f"val_{key}": value for key, value in scores.items()})
         score = select(scores)
+    elif skipped:
+        score = -math.inf
     else:
         score = float(row["epoch"])
     run.history.append(row)
@@ -440,12 +444,15 @@ def fit(
     select: Callable[[dict[str, float]], float] = selection_score,
     inputs: Sequence[str | os.PathLike] = (),
     log: Callable[[str], None] = print,
+    validate_every: int = 1,
 ) -> RunResult:
     """Train for ``epochs`` epochs in all, resuming from ``last.pt`` when it belongs to this run.
 
     After every epoch the main process validates (``validate(model)``: named scores, for segmentation models
     :func:`segmentation_validation`), writes ``last.pt`` and, when ``select`` of the scores improves, ``best.pt``
-    (without validation the last epoch is the best), and updates the curves and TensorBoard. Checkpoints hold ``model_args`` and
+    (without validation the last epoch is the best), and updates the curves and TensorBoard. With
+    ``validate_every`` N > 1 only every N-th epoch and the last are validated and can be the best (each epoch is
+    seeded on its own, so the training does not depend on N). Checkpoints hold ``model_args`` and
     ``metadata`` (what a checkpoint needs to be used on its own: classes, frame rate, ...). ``scheduler`` steps
     once per epoch (ReduceLROnPlateau on the training loss). The output directories are claimed first (see
     :func:`claim_run_outputs`; ``inputs`` are what the run reads, never to be written over).
@@ -468,8 +475,10 @@ def fit(
                 checkpoint = dict(model_args=model_args, fingerprint=fingerprint, **metadata,
                                   scheduler=scheduler.state_dict() if scheduler is not None else None,
                                   scaler=scaler.state_dict() if scaler is not None else None)
-                improved = _end_epoch(run, row, model=model, optimizer=optimizer, validate=validate,
-                                      select=select, paths=paths, checkpoint=checkpoint)
+                validating = validate is not None and (epoch % validate_every == 0 or epoch == epochs)
+                improved = _end_epoch(run, row, model=model, optimizer=optimizer,
+                                      validate=validate if validating else None, select=select, paths=paths,
+                                      checkpoint=checkpoint, skipped=validate is not None and not validating)
                 _log_tensorboard(writer, row)
                 log(_epoch_line(name, row, epochs, improved))
             barrier()

@@ -100,7 +100,8 @@ def test_a_foreign_width_is_refused_in_one_line(tmp_path):
 SECTION = {
     "model": {"width_mult": 0.25, "height": 32, "width": 48, "dropout": 0.0},
     "train": {"epochs": 2, "batch_size": 8, "lr": 0.001, "weight_decay": 0.0001, "warmup_fraction": 0.15,
-              "motion_weight": 1.0, "num_frames": 8, "calibration_clips": 8, "amp": "auto", "num_threads": 0},
+              "motion_weight": 1.0, "num_frames": 8, "calibration_clips": 8, "validate_every": 1, "amp": "auto",
+              "num_threads": 0},
 }
 
 

@@ -72,7 +72,7 @@ def _paths(root: Path) -> RunPaths:
                     tensorboard=root / "tb")
 
 
-def _fit(root: Path, epochs: int, *, fingerprint: str = "same", messages: list | None = None):
+def _fit(root: Path, epochs: int, *, fingerprint: str = "same", messages: list | None = None, validate_every=1):
     features, labels = _toy_data()
     family = _ToyFamily(features, labels, ["v0", "v1", "v2", "v3"])
     torch.manual_seed(0)
@@ -83,7 +83,7 @@ def _fit(root: Path, epochs: int, *, fingerprint: str = "same", messages: list |
         validate=segmentation_validation(family.predict, {v: labels[v] for v in ("v4", "v5")}, [0]),
         epochs=epochs, seed=3, paths=_paths(root), fingerprint=fingerprint, model_args={"in": DIM},
         metadata={"classes": ["a", "b", "c"]}, dist=setup_distributed(),
-        log=(messages.append if messages is not None else lambda line: None),
+        log=(messages.append if messages is not None else lambda line: None), validate_every=validate_every,
     )
     return family, result
 
@@ -144,6 +144,20 @@ def test_fit_learns_selects_and_writes_every_output(tmp_path):
     with h5py.File(tmp_path / "predictions" / "probs.h5") as handle:
         assert sorted(handle) == ["v4", "v5"] and handle["v4"].shape == (len(labels["v4"]), NUM_CLASSES)
         np.testing.assert_allclose(handle["v4"][()].sum(axis=1), 1.0, rtol=1e-5)
+
+
+def test_validating_every_third_epoch_trains_the_same_and_selects_among_the_validated(tmp_path):
+    every, every_result = _fit(tmp_path / "every", 7)
+    third, result = _fit(tmp_path / "third", 7, validate_every=3)
+    for a, b in zip(every.model.state_dict().values(), third.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    validated = [row["epoch"] for row in result.history if "val_acc" in row]
+    assert validated == [3, 6, 7] and result.best_epoch in validated
+    scores = {row["epoch"]: row["val_acc"] for row in every_result.history}
+    assert [scores[epoch] for epoch in validated] == [row["val_acc"] for row in result.history if "val_acc" in row]
+    assert load_checkpoint(tmp_path / "third" / "models" / "best.pt")["epoch"] == result.best_epoch
+    lines = (tmp_path / "third" / "curves.csv").read_text().splitlines()
+    assert lines[0].startswith("epoch,train_loss,val_acc") and lines[1].split(",")[2] == ""  # epoch 1: no score
 
 
 def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
