@@ -414,8 +414,8 @@ def summary_caption(params: Mapping[str, Any]) -> str:
     kernels = ("CPU kernels pinned to AVX2 (cpu_kernels avx2: the same numbers on any x86 CPU with AVX2)"
                if params["cpu_kernels"] == "avx2" else "this CPU's native kernels (cpu_kernels native)")
     text = (f"Test-split scores (%) on {data}; training seed {params['seed']}, {kernels}. The two-stage models "
-            f"(mstcn, asrf, asformer, frame_classifier) read frozen I3D features computed with {features}; etesvs is trained end "
-            f"to end from a MobileNetV2 initialised with {streaming}.")
+            f"(mstcn, asrf, asformer, frame_classifier) read frozen I3D features computed with {features}; etesvs "
+            f"is trained end to end from a MobileNetV2 initialised with {streaming}.")
     if "_demo.pt" in f"{features} {streaming}":
         text += (" The *_demo.pt weights are the demo's stand-ins for Kinetics / ImageNet weights: stages "
                  "pretrain@i3d and pretrain@mobilenet_v2 train them on a generated corpus of motion clips "

@@ -11,7 +11,8 @@ of CPU.
 (``ATEN_CPU_CAPABILITY``), oneDNN's AVX2 kernels at most (``DNNL_MAX_CPU_ISA``) and MKL's conditional numerical
 reproducibility branch for AVX2 (``MKL_CBWR``, which also fixes its cache-size and scheduling choices). Every x86
 CPU since about 2015 has AVX2. It costs speed where AVX-512 was available: on the demo's 2 cores the I3D
-pretraining takes 321 s instead of 202 s, a fresh `make repro` 15 min 44 s instead of 12 min 27 s. ``native``
+pretraining took 321 s instead of 202 s and a fresh `make repro` 15 min 44 s instead of 12 min 27 s (commit
+e63052b). ``native``
 leaves torch's own choice (the fastest kernels of this CPU). Neither setting applies on a GPU.
 """
 

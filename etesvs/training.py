@@ -390,21 +390,21 @@ def _start(name: str, paths: RunPaths, fingerprint: str, *, model: nn.Module, op
 
 def _end_epoch(run: _Run, row: dict[str, Any], *, model: nn.Module, optimizer: Any, validate: Validate | None,
                select: Callable[[dict[str, float]], float], paths: RunPaths, checkpoint: dict[str, Any],
-               skipped: bool = False) -> bool:
-    """On the main process: validate, append ``row`` to the history, write the checkpoints and the curves.
+               validating: bool = True) -> bool:
+    """On the main process: validate (when ``validating``), append ``row`` to the history, write the checkpoints
+    and the curves.
 
     Returns whether the epoch is the best so far (by ``select`` of the validation scores; without validation the
-    latest epoch is the best; an epoch that is not validated, ``validate`` None with a ``validate`` given to
-    :func:`fit`, is never the best).
+    latest epoch is the best; an epoch left unvalidated is never the best).
     """
-    if validate is not None:
+    if validate is None:
+        score = float(row["epoch"])
+    elif validating:
         scores = validate(unwrap_model(model))
         row.update({f"val_{key}": value for key, value in scores.items()})
         score = select(scores)
-    elif skipped:
-        score = -math.inf
     else:
-        score = float(row["epoch"])
+        score = -math.inf
     run.history.append(row)
     improved = score > run.best["score"]
     if improved:
@@ -475,10 +475,9 @@ def fit(
                 checkpoint = dict(model_args=model_args, fingerprint=fingerprint, **metadata,
                                   scheduler=scheduler.state_dict() if scheduler is not None else None,
                                   scaler=scaler.state_dict() if scaler is not None else None)
-                validating = validate is not None and (epoch % validate_every == 0 or epoch == epochs)
-                improved = _end_epoch(run, row, model=model, optimizer=optimizer,
-                                      validate=validate if validating else None, select=select, paths=paths,
-                                      checkpoint=checkpoint, skipped=validate is not None and not validating)
+                improved = _end_epoch(run, row, model=model, optimizer=optimizer, validate=validate, select=select,
+                                      paths=paths, checkpoint=checkpoint,
+                                      validating=epoch % validate_every == 0 or epoch == epochs)
                 _log_tensorboard(writer, row)
                 log(_epoch_line(name, row, epochs, improved))
             barrier()

@@ -78,8 +78,8 @@ def test_stage_params_give_exactly_what_dvc_yaml_declares(monkeypatch):
     monkeypatch.delenv("DVC_STAGE", raising=False)
     params = yaml.safe_load((ROOT / "params.yaml").read_text())
     temporal = stage_params("train_temporal@asrf")
-    assert temporal == {"cpu_kernels": params["cpu_kernels"], "seed": params["seed"], "dataset": {"sample_rate": params["dataset"]["sample_rate"]},
-                        "asrf": params["asrf"]}
+    assert temporal == {"cpu_kernels": params["cpu_kernels"], "seed": params["seed"],
+                        "dataset": {"sample_rate": params["dataset"]["sample_rate"]}, "asrf": params["asrf"]}
     assert stage_params("convert_labels")["dataset"].keys() == {"name", "split", "fps", "background"}
     monkeypatch.setenv("DVC_STAGE", "evaluate@etesvs")  # under DVC, the stage DVC runs wins
     assert stage_params("train_streaming") == {"window": params["window"]}
