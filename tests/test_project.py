@@ -7,7 +7,9 @@ from tests.conftest import ROOT
 
 def test_mit_licence_and_the_usual_ignores():
     assert (ROOT / "LICENSE").read_text().startswith("MIT License")
-    assert 'license = {text = "MIT"}' in (ROOT / "pyproject.toml").read_text()
+    pyproject = (ROOT / "pyproject.toml").read_text().splitlines()
+    assert 'license = "MIT"' in pyproject  # an SPDX expression: setuptools 77+ deprecates the {text = ...} table
+    assert 'requires = ["setuptools>=77"]' in pyproject
     ignored = (ROOT / ".gitignore").read_text().splitlines()
     for pattern in (".venv/", "/data/", "/logs/", "dvc_plots/", "__pycache__/", "/.dvc/plots_page.html"):
         assert pattern in ignored, pattern
