@@ -201,12 +201,15 @@ class MobileNetPretrainer(nn.Module):
         self.shift_divisor = shift_divisor
         self.stem_shift = stem_shift
         self.motion_head = nn.Linear(self.mobilenet.last_channel, motion_cells)
+        # Channels-last, as the streaming model runs it (mobilenet_input's frames already are: clips are stored HWC).
+        self.mobilenet.features.to(memory_format=torch.channels_last)
 
     def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, length = frames.shape[:2]
         # (B, T, 3, S, S) -> (B*T, 3, S, S) -> (B*T, C', h, w)
-        x = run_backbone(self.mobilenet.features, frames.flatten(0, 1), num_frames=length,
-                         shift_divisor=self.shift_divisor, stem_shift=self.stem_shift)  # fmt: skip
+        x = frames.flatten(0, 1).contiguous(memory_format=torch.channels_last)
+        x = run_backbone(self.mobilenet.features, x, num_frames=length, shift_divisor=self.shift_divisor,
+                         stem_shift=self.stem_shift)  # fmt: skip
         x = x.mean(dim=(2, 3))  # (B*T, C', h, w) -> (B*T, C')
         logits = self.mobilenet.classifier(x.detach()).view(batch, length, -1)  # (B*T, C) -> (B, T, C)
         motion = self.motion_head(x).view(batch, length, -1).transpose(1, 2)  # (B*T, M) -> (B, M, T)
@@ -399,11 +402,13 @@ def check_settings(train: dict[str, Any], corpus: Corpus, *, where: str, corpus_
 
 
 def save_state_dict(state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Save plain CPU tensors atomically, byte for byte the same for the same tensors (the archive is written in
-    memory first: torch names its inner folder after the file, and the file is first written under a temporary
-    name), so the weights' hash in the metrics changes only when the weights do."""
+    """Save plain CPU tensors (contiguous, whatever memory format training used) atomically, byte for byte the
+    same for the same tensors (the archive is written in memory first: torch names its inner folder after the file,
+    and the file is first written under a temporary name), so the weights' hash in the metrics changes only when the
+    weights do."""
     buffer = io.BytesIO()
-    torch.save({key: value.detach().cpu().clone() for key, value in state.items()}, buffer)
+    torch.save({key: value.detach().cpu().clone(memory_format=torch.contiguous_format) for key, value in state.items()},
+               buffer)
     with atomic_path(Path(path)) as tmp:
         tmp.write_bytes(buffer.getvalue())
 

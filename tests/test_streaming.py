@@ -436,6 +436,8 @@ def test_prepared_for_inference_gives_the_same_outputs(norm, shift):
         expected, _ = model(frames, mask)
         prepared = prepare_for_inference(copy.deepcopy(model))
         got, _ = prepared(frames, mask)
-    assert prepared.channels_last and not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.modules())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in prepared.modules())
+    convolutions = [m.weight for m in prepared.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convolutions and all(w.is_contiguous(memory_format=torch.channels_last) for w in convolutions)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], atol=1e-4, rtol=1e-4)
