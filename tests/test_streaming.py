@@ -95,6 +95,19 @@ def test_shapes_masking_and_gradients(head, shift, norm):
     assert model.memory.gates.weight.grad.abs().sum() > 0
 
 
+def test_backbone_trains_channels_last_with_a_plain_state_dict():
+    # Channels-last is what makes oneDNN's depthwise convolutions fast; the state dict stays loadable either way.
+    model = tiny_model(temporal_shift=True, stem_shift=True)
+    convolutions = [m.weight for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(weight.is_contiguous(memory_format=torch.channels_last) for weight in convolutions)
+    features = model.backbone_features(torch.randn(2 * 4, 3, 32, 32), num_frames=4)  # NCHW frames in
+    assert features.is_contiguous(memory_format=torch.channels_last)
+    plain = tiny_model(temporal_shift=True, stem_shift=True)
+    plain.backbone.to(memory_format=torch.contiguous_format)
+    plain.load_state_dict(model.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), model.state_dict().values()))
+
+
 def test_padding_content_does_not_matter():
     model = tiny_model(temporal_shift=True).eval()
     frames = torch.randn(2, 6, 3, 32, 32)
