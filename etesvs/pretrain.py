@@ -201,15 +201,14 @@ class MobileNetPretrainer(nn.Module):
         self.shift_divisor = shift_divisor
         self.stem_shift = stem_shift
         self.motion_head = nn.Linear(self.mobilenet.last_channel, motion_cells)
-        # Channels-last, as the streaming model runs it (mobilenet_input's frames already are: clips are stored HWC).
+        # Channels-last, as run_backbone runs the frames (mobilenet_input's already are: clips are stored HWC).
         self.mobilenet.features.to(memory_format=torch.channels_last)
 
     def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, length = frames.shape[:2]
         # (B, T, 3, S, S) -> (B*T, 3, S, S) -> (B*T, C', h, w)
-        x = frames.flatten(0, 1).contiguous(memory_format=torch.channels_last)
-        x = run_backbone(self.mobilenet.features, x, num_frames=length, shift_divisor=self.shift_divisor,
-                         stem_shift=self.stem_shift)  # fmt: skip
+        x = run_backbone(self.mobilenet.features, frames.flatten(0, 1), num_frames=length,
+                         shift_divisor=self.shift_divisor, stem_shift=self.stem_shift)  # fmt: skip
         x = x.mean(dim=(2, 3))  # (B*T, C', h, w) -> (B*T, C')
         logits = self.mobilenet.classifier(x.detach()).view(batch, length, -1)  # (B*T, C) -> (B, T, C)
         motion = self.motion_head(x).view(batch, length, -1).transpose(1, 2)  # (B*T, M) -> (B, M, T)
