@@ -349,17 +349,19 @@ def streaming_loss(
 ) -> dict[str, torch.Tensor]:
     """The streaming model's loss of one window, as a weighted sum over the rows (videos) of the batch.
 
-    Per row: cross-entropy of the head plus ``smoothing_weight`` x the truncated MSE of neighbouring
-    log-probabilities (:func:`smoothing_terms`) plus cross-entropy of the memory branch, summed over the window's
-    frames and multiplied by ``frame_weights``; plus the soft-label cross-entropy between the backbone's window-mean
-    logits and the label distribution of the window's valid frames, multiplied by ``window_weights``. With
-    ``frame_weights = 1 / (B x frames of the video)`` and ``window_weights = 1 / (B x windows of the video)`` the
-    sum over all windows is the mean over videos of each video's mean loss, whatever the split of the videos over
-    windows, batches or processes.
+    Per row: for every head stage (as MS-TCN, summed over stages), cross-entropy plus ``smoothing_weight`` x the
+    truncated MSE of neighbouring log-probabilities (:func:`smoothing_terms`), including the pair made of the
+    frame before the window and the window's first frame; plus cross-entropy of the memory branch; summed over the
+    window's frames and multiplied by ``frame_weights``; plus the soft-label cross-entropy between the backbone's
+    window-mean logits and the label distribution of the window's valid frames, multiplied by ``window_weights``.
+    With ``frame_weights = 1 / (B x frames of the video)`` and ``window_weights = 1 / (B x windows of the video)``
+    the sum over all windows is the mean over videos of each video's mean loss, whatever the split of the videos
+    over windows, batches or processes.
 
     Args:
-        outputs: the model's outputs for the window (``head_logits`` and ``memory_logits`` (B, C, T),
-            ``backbone_logits`` (B, C)).
+        outputs: the model's outputs for the window: ``stage_logits`` (S, B, C, T), ``previous_logits`` (S, B, C)
+            and ``previous_mask`` (B,) bool (the frame before the window), ``memory_logits`` (B, C, T),
+            ``backbone_logits`` (B, C).
         labels: (B, T) int64 class ids (anything on padding frames).
         mask: (B, T) bool, True on valid frames.
         frame_weights: (B,) float.
@@ -369,7 +371,7 @@ def streaming_loss(
         ``"loss"`` (scalar to back-propagate) and its detached parts ``"head"``, ``"smoothing"``, ``"memory"``,
         ``"backbone"`` (each already weighted by the row weights, before ``smoothing_weight``).
     """
-    head_logits = outputs["head_logits"].float()
+    stage_logits = outputs["stage_logits"].float()
     targets = labels.masked_fill(~mask, IGNORE_INDEX)
     valid = mask.float()
     frame_weights, window_weights = frame_weights.float(), window_weights.float()
@@ -378,10 +380,17 @@ def streaming_loss(
         per_frame = F.cross_entropy(logits.float(), targets, ignore_index=IGNORE_INDEX, reduction="none")  # (B, T)
         return (per_frame.sum(dim=1) * frame_weights).sum()
 
-    head = frame_cross_entropy(head_logits)
+    head = sum(frame_cross_entropy(logits) for logits in stage_logits)
     memory = frame_cross_entropy(outputs["memory_logits"])
-    pair_mask = valid[:, 1:] * valid[:, :-1]  # (B, T-1)
-    smoothing = ((smoothing_terms(head_logits, clamp=clamp) * pair_mask).sum(dim=1) * frame_weights).sum()
+    # Pairs of neighbouring frames, the first made of the frame before the window (if any) and the window's first.
+    with_previous = torch.cat([outputs["previous_mask"].float()[:, None], valid], dim=1)  # (B, 1 + T)
+    pair_mask = with_previous[:, 1:] * with_previous[:, :-1]  # (B, T)
+    previous = outputs["previous_logits"].float()[..., None]  # (S, B, C) -> (S, B, C, 1)
+    smoothing = sum(
+        ((smoothing_terms(torch.cat([before, logits], dim=2), clamp=clamp) * pair_mask).sum(dim=1)
+         * frame_weights).sum()
+        for before, logits in zip(previous, stage_logits)
+    )
 
     backbone = (window_soft_cross_entropy(outputs["backbone_logits"], labels, mask) * window_weights).sum()
 

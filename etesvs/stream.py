@@ -70,6 +70,14 @@ class StreamModel:
     std: tuple[float, float, float]
 
 
+def _single_stage_head_names(state: dict) -> dict:
+    """A state dict with an older single-stage head's tensors (``head.conv_in.*``, ``head.stack.*``,
+    ``head.conv_out.*``) renamed as stage 0 of the multi-stage head; newer state dicts are returned as they are."""
+    old = ("head.conv_in.", "head.stack.", "head.conv_out.")
+    return {("head.stages.0." + key.removeprefix("head.") if key.startswith(old) else key): value
+            for key, value in state.items()}
+
+
 def load_stream_model(path: str | Path, device: str | torch.device = "cpu") -> StreamModel:
     """Rebuild the model of a self-describing checkpoint (plain weights only), prepared for inference (see
     :func:`etesvs.models.streaming.prepare_for_inference`)."""
@@ -80,8 +88,9 @@ def load_stream_model(path: str | Path, device: str | torch.device = "cpu") -> S
     if missing:
         raise EtesvsError(f"{path}: not a streaming-model checkpoint (missing {', '.join(missing)})")
     try:
-        model = StreamingSegmenter(**{"stem_shift": False, **checkpoint["model_args"]})  # older files: no stem shift
-        model.load_state_dict(checkpoint["model"])
+        # Older files: no stem shift, a single head stage whose tensors were named head.* (now head.stages.0.*).
+        model = StreamingSegmenter(**{"stem_shift": False, "head_stages": 1, **checkpoint["model_args"]})
+        model.load_state_dict(_single_stage_head_names(checkpoint["model"]))
     except (TypeError, ValueError, RuntimeError) as error:
         reason = str(error).splitlines()[0]
         raise EtesvsError(f"{path}: the weights do not fit the model they describe ({reason})") from None

@@ -26,7 +26,7 @@ PUBLISHED = {
                  "asformer.model.num_feature_maps": 64, "asformer.train.batch_size": 1, "asformer.train.epochs": 120,
                  "asformer.train.weight_decay": 0.00001, "asformer.train.scheduler": "plateau"},
     "etesvs": {"streaming.model.width_mult": 1.0, "streaming.model.temporal_shift": True,
-               "streaming.model.head_layers": 4, "streaming.model.head_channels": 64,
+               "streaming.model.head_stages": 1, "streaming.model.head_layers": 4, "streaming.model.head_channels": 64,
                "streaming.data.image_size": 224, "streaming.model.norm": "batch",
                "streaming.pretrained": "data/pretrained/mobilenet_v2-b0353104.pth"},
 }

@@ -24,7 +24,7 @@ SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "video
 CLASSES = ["background", "wave", "point"]
 MODEL_ARGS = {"num_classes": 3, "width_mult": 0.35, "temporal_shift": False, "shift_divisor": 8, "stem_shift": False,
               "memory_channels": 8,
-              "head": "causal_tcn", "head_layers": 3, "head_channels": 8, "dropout": 0.0, "norm": "group"}
+              "head": "causal_tcn", "head_stages": 1, "head_layers": 3, "head_channels": 8, "dropout": 0.0, "norm": "group"}
 
 
 def make_checkpoint(
@@ -39,6 +39,20 @@ def make_checkpoint(
         normalization={"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},
     )  # fmt: skip
     return path
+
+
+def test_a_checkpoint_from_before_multi_stage_heads_still_loads(tmp_path):
+    """Files written before ``head_stages`` existed: no such model argument, single-stage tensors named head.*."""
+    path = make_checkpoint(tmp_path / "new.pt")
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["model_args"].pop("head_stages")
+    checkpoint["model"] = {key.replace("head.stages.0.", "head."): value for key, value in checkpoint["model"].items()}
+    assert "head.conv_in.weight" in checkpoint["model"]
+    torch.save(checkpoint, tmp_path / "old.pt")
+    old, new = load_stream_model(tmp_path / "old.pt"), load_stream_model(path)
+    frames, mask = torch.randn(1, 4, 3, 32, 32), torch.ones(1, 4, dtype=torch.bool)
+    with torch.no_grad():
+        torch.testing.assert_close(old.model(frames, mask)[0]["head_logits"], new.model(frames, mask)[0]["head_logits"])
 
 
 def test_segment_tracker_reports_segments_once_final_with_their_mean_confidence():

@@ -27,7 +27,7 @@ from etesvs.errors import EtesvsError
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 TINY = {"width_mult": 0.35, "temporal_shift": False, "shift_divisor": 8, "stem_shift": False, "memory_channels": 8,
-        "head": "causal_tcn", "head_layers": 3, "head_channels": 8, "norm": "batch"}
+        "head": "causal_tcn", "head_stages": 1, "head_layers": 3, "head_channels": 8, "norm": "batch"}
 
 
 def tiny_model(**overrides) -> StreamingSegmenter:
@@ -149,16 +149,24 @@ def test_temporal_shift_moves_channels_between_neighbours():
     assert torch.equal(shifted[:, :, 4:], clips[:, :, 4:])
 
 
-def test_causal_model_streams_exactly_and_never_peeks_ahead():
-    model = tiny_model(head="causal_tcn", norm="group").eval()
+@pytest.mark.parametrize("stages", [1, 2])
+def test_causal_model_streams_exactly_and_never_peeks_ahead(stages):
+    model = tiny_model(head="causal_tcn", head_stages=stages, norm="group").eval()
+    assert model.head_cache_frames == stages * 14  # dilations 1, 2, 4: each stage sees 14 earlier frames
     frames = torch.randn(1, 8, 3, 32, 32)
     mask = torch.ones(1, 8, dtype=torch.bool)
     with torch.no_grad():
         whole, _ = model(frames, mask)
         first, state = model(frames[:, :4], mask[:, :4])
         second, _ = model(frames[:, 4:], mask[:, 4:], state)
-        streamed = torch.cat([first["head_logits"], second["head_logits"]], dim=2)
-        torch.testing.assert_close(streamed, whole["head_logits"], atol=1e-5, rtol=1e-4)
+        assert whole["stage_logits"].shape == (stages, 1, 4, 8)
+        torch.testing.assert_close(whole["head_logits"], whole["stage_logits"][-1])
+        for key in ("head_logits", "stage_logits"):
+            streamed = torch.cat([first[key], second[key]], dim=-1)
+            torch.testing.assert_close(streamed, whole[key], atol=1e-5, rtol=1e-4)
+        # The second window knows the stages' logits at the first window's last frame; the first knows none.
+        assert not first["previous_mask"].any() and second["previous_mask"].all()
+        torch.testing.assert_close(second["previous_logits"], whole["stage_logits"][..., 3], atol=1e-5, rtol=1e-4)
         changed = frames.clone()
         changed[:, 5:] = torch.randn(1, 3, 3, 32, 32)
         future, _ = model(changed, mask)
@@ -179,6 +187,20 @@ def test_state_is_carried_and_reset_per_row(head):
     torch.testing.assert_close(carried["head_logits"][0], fresh["head_logits"][0])
     assert not torch.allclose(carried["head_logits"][1], fresh["head_logits"][1])
     torch.testing.assert_close(carried["memory_logits"][0], fresh["memory_logits"][0])
+    assert carried["previous_mask"].tolist() == [False, True]
+    assert torch.all(carried["previous_logits"][:, 0] == 0) and carried["previous_logits"][:, 1].abs().sum() > 0
+
+
+def test_last_logits_come_from_each_rows_last_real_frame():
+    model = tiny_model(head="tcn", head_stages=2).eval()
+    frames = torch.randn(3, 4, 3, 32, 32)
+    mask = torch.tensor([[True] * 4, [True, True, False, False], [False] * 4])
+    with torch.no_grad():
+        first, state = model(frames, mask)
+        second, _ = model(frames, torch.ones(3, 4, dtype=torch.bool), state)
+    assert second["previous_mask"].tolist() == [True, True, False]
+    torch.testing.assert_close(second["previous_logits"][:, 0], first["stage_logits"][:, 0, :, 3])
+    torch.testing.assert_close(second["previous_logits"][:, 1], first["stage_logits"][:, 1, :, 1])
 
 
 def test_no_gradient_reaches_the_previous_window():
@@ -195,8 +217,11 @@ def test_no_gradient_reaches_the_previous_window():
 
 def test_loss_ignores_padding_and_weights_rows():
     torch.manual_seed(0)
+    head = torch.randn(2, 3, 5)
     outputs = {
-        "head_logits": torch.randn(2, 3, 5), "memory_logits": torch.randn(2, 3, 5), "backbone_logits": torch.randn(2, 3)
+        "head_logits": head, "stage_logits": head[None], "previous_logits": torch.randn(1, 2, 3),
+        "previous_mask": torch.tensor([False, False]), "memory_logits": torch.randn(2, 3, 5),
+        "backbone_logits": torch.randn(2, 3),
     }
     mask = torch.tensor([[True] * 5, [True, True, True, False, False]])
     labels = torch.tensor([[0, 0, 1, 1, 2], [2, 2, 2, 0, 1]])
@@ -217,6 +242,30 @@ def test_loss_ignores_padding_and_weights_rows():
     assert float(only_first["head"]) == pytest.approx(
         float(torch.nn.functional.cross_entropy(outputs["head_logits"][:1], labels[:1], reduction="sum")), rel=1e-5
     )
+
+
+def test_smoothing_pairs_cross_windows_as_in_one_sequence():
+    """Two windows give every stage the smoothing loss of the whole sequence: the pair made of the first window's
+    last frame and the second window's first frame counts too."""
+    torch.manual_seed(0)
+    stages = torch.randn(2, 1, 3, 8)  # 2 stages, 1 video of 8 frames, 3 classes
+    labels = torch.randint(0, 3, (1, 8))
+    weights = {"frame_weights": torch.tensor([1.0]), "window_weights": torch.tensor([0.0]), "smoothing_weight": 1.0}
+
+    def window(start, stop, previous):
+        outputs = {"head_logits": stages[-1, :, :, start:stop], "stage_logits": stages[..., start:stop],
+                   "previous_logits": stages[..., max(start - 1, 0)], "previous_mask": torch.tensor([previous]),
+                   "memory_logits": torch.zeros(1, 3, stop - start), "backbone_logits": torch.zeros(1, 3)}
+        return streaming_loss(outputs, labels[:, start:stop], torch.ones(1, stop - start, dtype=torch.bool),
+                              **weights)
+
+    whole, first, second = window(0, 8, False), window(0, 5, False), window(5, 8, True)
+    assert float(first["smoothing"] + second["smoothing"]) == pytest.approx(float(whole["smoothing"]), rel=1e-5)
+    assert float(first["head"] + second["head"]) == pytest.approx(float(whole["head"]), rel=1e-5)
+    unpaired = window(5, 8, False)
+    assert float(unpaired["smoothing"]) < float(second["smoothing"])
+    expected = sum(float(torch.nn.functional.cross_entropy(stage, labels, reduction="sum")) for stage in stages)
+    assert float(whole["head"]) == pytest.approx(expected, rel=1e-5)
 
 
 def test_pretrained_weights_from_a_file(tmp_path):

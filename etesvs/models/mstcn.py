@@ -36,6 +36,11 @@ class MultiStageTCN(nn.Module):
             + [SingleStageTCN(in_channels=num_classes, **stage_args) for _ in range(num_stages - 1)]
         )
 
+    @property
+    def receptive_field(self) -> int:
+        """Number of input frames that one output of the last stage can see (causal: past frames and itself)."""
+        return 1 + sum(stage.stack.receptive_field - 1 for stage in self.stages)
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, T), (B, 1, T) -> (num_stages, B, num_classes, T) logits."""
         mask = mask.to(x.dtype)

@@ -7,8 +7,9 @@ window the model
    shift between the frames of the window),
 2. reduces the 1280-channel feature map with a 1x1 convolution and feeds it, frame by frame, to a ConvLSTM whose
    state is carried from one window to the next of the same video (the memory),
-3. pools the reduced features and the memory's hidden state over space and labels every frame with a single-stage
-   dilated TCN, either window-local (``head="tcn"``) or causal with a cache of the previous windows' last frames
+3. pools the reduced features and the memory's hidden state over space and labels every frame with a dilated TCN
+   of one or more stages (MS-TCN's refinement: each later stage reads the softmax of the one before), either
+   window-local (``head="tcn"``) or causal with a cache of the previous windows' last frames
    (``head="causal_tcn"``), so that outputs at the start of a window see the past.
 
 State crosses windows only through the explicit :class:`StreamState` returned by ``forward`` and passed back in;
@@ -29,7 +30,7 @@ from torchvision.models.mobilenetv2 import InvertedResidual
 
 from etesvs.errors import EtesvsError
 from etesvs.io import load_weights_file
-from etesvs.models.tcn import SingleStageTCN
+from etesvs.models.mstcn import MultiStageTCN
 
 HEADS = ("tcn", "causal_tcn")
 NORMS = ("batch", "frozen_batch", "group")
@@ -43,12 +44,17 @@ class StreamState(NamedTuple):
         cell: (B, M, h, w) ConvLSTM cell state.
         head_inputs: (B, D, K) inputs of the causal head at the last K frames seen (K = 0 for the window-local head).
         head_mask: (B, K) bool, True where ``head_inputs`` holds a real frame of the current video.
+        last_logits: (S, B, C) logits of every head stage at the last frame seen (what the smoothing loss compares
+            the next window's first frame with).
+        last_mask: (B,) bool, True where ``last_logits`` holds a real frame of the current video.
     """
 
     hidden: torch.Tensor
     cell: torch.Tensor
     head_inputs: torch.Tensor
     head_mask: torch.Tensor
+    last_logits: torch.Tensor
+    last_mask: torch.Tensor
 
     def detach(self) -> "StreamState":
         return StreamState(*(tensor.detach() for tensor in self))
@@ -61,6 +67,8 @@ class StreamState(NamedTuple):
             cell=self.cell * keep[:, None, None, None],
             head_inputs=self.head_inputs * keep.to(self.head_inputs.dtype)[:, None, None],
             head_mask=self.head_mask & ~rows[:, None],
+            last_logits=self.last_logits * keep.to(self.last_logits.dtype)[None, :, None],
+            last_mask=self.last_mask & ~rows,
         )
 
 
@@ -155,7 +163,9 @@ class StreamingSegmenter(nn.Module):
             residual blocks shift only a channel or two each way.
         memory_channels: M, channels of the reduced feature map and of the ConvLSTM.
         head: ``"tcn"`` (dilated TCN over the window only) or ``"causal_tcn"`` (causal, sees previous windows).
-        head_layers: dilated layers of the head (dilations 1, 2, ..., 2**(head_layers - 1)).
+        head_stages: stages of the head (1: a single-stage TCN, as the ETESVS authors' head; more: MS-TCN's
+            refinement stages, each reading the softmax of the stage before).
+        head_layers: dilated layers of each head stage (dilations 1, 2, ..., 2**(head_layers - 1)).
         head_channels: feature maps of the head.
         dropout: dropout of the head's layers.
         norm: ``"batch"`` (MobileNetV2's BatchNorm), ``"frozen_batch"`` (the same layers and state dict, but their
@@ -175,6 +185,7 @@ class StreamingSegmenter(nn.Module):
         stem_shift: bool,
         memory_channels: int,
         head: str,
+        head_stages: int,
         head_layers: int,
         head_channels: int,
         dropout: float,
@@ -200,9 +211,10 @@ class StreamingSegmenter(nn.Module):
         self.reduce = nn.Sequential(nn.Conv2d(backbone_channels, memory_channels, kernel_size=1), nn.ReLU(inplace=True))
         self.memory = ConvLSTMCell(input_channels=memory_channels, hidden_channels=memory_channels)
         self.memory_classifier = nn.Linear(memory_channels, num_classes)
-        self.head = SingleStageTCN(
+        self.head = MultiStageTCN(
             in_channels=2 * memory_channels,
             num_classes=num_classes,
+            num_stages=head_stages,
             num_layers=head_layers,
             num_feature_maps=head_channels,
             dropout=dropout,
@@ -210,7 +222,7 @@ class StreamingSegmenter(nn.Module):
         )
         # A causal head needs the last (receptive field - 1) frames of its input to label the first frame of a window
         # as it would have inside one long sequence.
-        self.head_cache_frames = self.head.stack.receptive_field - 1 if self.causal else 0
+        self.head_cache_frames = self.head.receptive_field - 1 if self.causal else 0
 
     def train(self, mode: bool = True) -> "StreamingSegmenter":
         """Set training mode; with ``norm="frozen_batch"`` the backbone's BatchNorm layers stay in eval mode."""
@@ -233,7 +245,10 @@ class StreamingSegmenter(nn.Module):
         zeros = torch.zeros(batch_size, channels, *feature_size, device=device, dtype=dtype)
         head_inputs = torch.zeros(batch_size, 2 * channels, self.head_cache_frames, device=device, dtype=dtype)
         head_mask = torch.zeros(batch_size, self.head_cache_frames, dtype=torch.bool, device=device)
-        return StreamState(zeros, zeros.clone(), head_inputs, head_mask)
+        stages, classes = len(self.head.stages), self.head.stages[-1].conv_out.out_channels
+        last_logits = torch.zeros(stages, batch_size, classes, device=device, dtype=dtype)
+        last_mask = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        return StreamState(zeros, zeros.clone(), head_inputs, head_mask, last_logits, last_mask)
 
     def _backbone_pass(self, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Backbone features (B, T, 1280, h, w) of a window's frames, and the window-mean backbone logits (B, C)."""
@@ -273,15 +288,26 @@ class StreamingSegmenter(nn.Module):
         return torch.stack(hidden_per_frame, dim=1), hidden, cell  # T x (B, M) -> (B, T, M)
 
     def _head_pass(self, head_inputs: torch.Tensor, mask: torch.Tensor, state: StreamState) -> tuple[torch.Tensor, ...]:
-        """Head logits (B, C, T) of the window's inputs (B, 2M, T), and the head cache to carry on."""
+        """Every head stage's logits (S, B, C, T) of the window's inputs (B, 2M, T), and the head cache to carry on."""
         num_frames = head_inputs.shape[2]
         if not self.causal:
             return self.head(head_inputs, mask[:, None, :].to(head_inputs.dtype)), state.head_inputs, state.head_mask
         sequence = torch.cat([state.head_inputs.to(head_inputs.dtype), head_inputs], dim=2)  # (B, 2M, K + T)
         sequence_mask = torch.cat([state.head_mask, mask], dim=1)  # (B, K + T)
-        logits = self.head(sequence, sequence_mask[:, None, :].to(sequence.dtype))[:, :, -num_frames:]
+        logits = self.head(sequence, sequence_mask[:, None, :].to(sequence.dtype))[..., -num_frames:]  # (S, B, C, T)
         cache = self.head_cache_frames
         return logits, sequence[:, :, sequence.shape[2] - cache :], sequence_mask[:, sequence_mask.shape[1] - cache :]
+
+    @staticmethod
+    def _last_frame(logits: torch.Tensor, mask: torch.Tensor, state: StreamState) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stage logits (S, B, C) at each row's last real frame so far, and whether there is one (B,)."""
+        seen = mask.any(dim=1)  # (B,)
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (positions * mask).argmax(dim=1)  # (B,) index of the last real frame (valid frames come first)
+        index = last[None, :, None, None].expand(logits.shape[0], -1, logits.shape[2], 1)  # (S, B, C, 1)
+        current = logits.gather(3, index).squeeze(3)  # (S, B, C, T) -> (S, B, C)
+        kept = torch.where(seen[None, :, None], current, state.last_logits.to(current.dtype))
+        return kept, state.last_mask | seen
 
     def forward(
         self,
@@ -300,7 +326,10 @@ class StreamingSegmenter(nn.Module):
 
         Returns:
             ``{"head_logits": (B, C, T), "memory_logits": (B, C, T), "backbone_logits": (B, C)}`` (zero on padding
-            frames and on rows without frames) and the new state, detached from the graph.
+            frames and on rows without frames; ``head_logits`` is the last head stage's), ``"stage_logits"``
+            (S, B, C, T) of every head stage, ``"previous_logits"`` (S, B, C) and ``"previous_mask"`` (B,) bool:
+            the stages' logits at the frame before the window, where the video has one (detached, for the
+            smoothing loss across windows); and the new state, detached from the graph.
         """
         batch_size, num_frames = frames.shape[:2]
         mask = mask.to(torch.bool)
@@ -317,13 +346,17 @@ class StreamingSegmenter(nn.Module):
         memory_logits = self.memory_classifier(memory_features) * frame_mask[:, :, None]  # (B, T, C)
         head_inputs = torch.cat([reduced.mean(dim=(3, 4)), memory_features], dim=2)  # (B, T, 2M)
         head_inputs = head_inputs.transpose(1, 2) * frame_mask[:, None, :]  # (B, T, 2M) -> (B, 2M, T)
-        head_logits, cache_inputs, cache_mask = self._head_pass(head_inputs, mask, state)
+        stage_logits, cache_inputs, cache_mask = self._head_pass(head_inputs, mask, state)
+        last_logits, last_mask = self._last_frame(stage_logits, mask, state)
         outputs = {
-            "head_logits": head_logits,
+            "head_logits": stage_logits[-1],
+            "stage_logits": stage_logits,
+            "previous_logits": state.last_logits.to(stage_logits.dtype),
+            "previous_mask": state.last_mask,
             "memory_logits": memory_logits.transpose(1, 2),  # (B, T, C) -> (B, C, T)
             "backbone_logits": backbone_logits,
         }
-        return outputs, StreamState(hidden, cell, cache_inputs, cache_mask).detach()
+        return outputs, StreamState(hidden, cell, cache_inputs, cache_mask, last_logits, last_mask).detach()
 
 
 def _backbone_tensors(state: dict, source: str, model: StreamingSegmenter) -> dict:
