@@ -106,8 +106,7 @@ def main() -> None:
             frame_weights, window_weights = row_weights(batch, 1)
             outputs, state = model(batch["frames"], batch["mask"], state, batch["reset"])
             losses = streaming_loss(outputs, batch["labels"], batch["mask"], frame_weights=frame_weights,
-                                    window_weights=window_weights,
-                                    smoothing_weight=streaming["loss"]["smoothing_weight"])
+                                    window_weights=window_weights, **streaming["loss"])
             losses["loss"].backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -345,13 +345,15 @@ def streaming_loss(
     frame_weights: torch.Tensor,
     window_weights: torch.Tensor,
     smoothing_weight: float,
+    smooth_across_windows: bool,
     clamp: float = SMOOTHING_CLAMP,
 ) -> dict[str, torch.Tensor]:
     """The streaming model's loss of one window, as a weighted sum over the rows (videos) of the batch.
 
     Per row: for every head stage (as MS-TCN, summed over stages), cross-entropy plus ``smoothing_weight`` x the
-    truncated MSE of neighbouring log-probabilities (:func:`smoothing_terms`), including the pair made of the
-    frame before the window and the window's first frame; plus cross-entropy of the memory branch; summed over the
+    truncated MSE of neighbouring log-probabilities (:func:`smoothing_terms`), with ``smooth_across_windows``
+    including the pair made of the frame before the window and the window's first frame (the ETESVS authors'
+    loss: pairs inside the window only); plus cross-entropy of the memory branch; summed over the
     window's frames and multiplied by ``frame_weights``; plus the soft-label cross-entropy between the backbone's
     window-mean logits and the label distribution of the window's valid frames, multiplied by ``window_weights``.
     With ``frame_weights = 1 / (B x frames of the video)`` and ``window_weights = 1 / (B x windows of the video)``
@@ -383,7 +385,8 @@ def streaming_loss(
     head = sum(frame_cross_entropy(logits) for logits in stage_logits)
     memory = frame_cross_entropy(outputs["memory_logits"])
     # Pairs of neighbouring frames, the first made of the frame before the window (if any) and the window's first.
-    with_previous = torch.cat([outputs["previous_mask"].float()[:, None], valid], dim=1)  # (B, 1 + T)
+    previous_valid = outputs["previous_mask"].float() * float(smooth_across_windows)  # (B,)
+    with_previous = torch.cat([previous_valid[:, None], valid], dim=1)  # (B, 1 + T)
     pair_mask = with_previous[:, 1:] * with_previous[:, :-1]  # (B, T)
     previous = outputs["previous_logits"].float()[..., None]  # (S, B, C) -> (S, B, C, 1)
     smoothing = sum(

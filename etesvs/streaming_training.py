@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -99,16 +99,17 @@ def row_weights(batch: dict[str, torch.Tensor], world_size: int) -> tuple[torch.
 
 
 def _window_step(model: nn.Module, batch: dict[str, torch.Tensor], state: Any, *, device: torch.device,
-                 amp_dtype: torch.dtype | None, world_size: int, smoothing_weight: float) -> tuple[dict, Any]:
-    """Forward one step of windows and back-propagate its loss; returns the loss parts and the new state."""
+                 amp_dtype: torch.dtype | None, world_size: int, loss: Mapping[str, Any]) -> tuple[dict, Any]:
+    """Forward one step of windows and compute its loss (``loss``: the ``streaming.loss`` section, the settings of
+    :func:`etesvs.losses.streaming_loss`); returns the loss parts and the new state."""
     frames = batch["frames"].to(device, non_blocking=True)
     mask = batch["mask"].to(device, non_blocking=True)
     frame_weights, window_weights = (w.to(device) for w in row_weights(batch, world_size))
     with autocast(device, amp_dtype):
         outputs, state = model(frames, mask, state, batch["reset"].to(device, non_blocking=True))
-    losses = streaming_loss(outputs, batch["labels"].to(device, non_blocking=True), mask,
-                            frame_weights=frame_weights, window_weights=window_weights,
-                            smoothing_weight=smoothing_weight)
+    losses = call_with(streaming_loss, loss, where="params.yaml: streaming.loss", outputs=outputs,
+                       labels=batch["labels"].to(device, non_blocking=True), mask=mask, frame_weights=frame_weights,
+                       window_weights=window_weights)
     return losses, state
 
 
@@ -121,7 +122,7 @@ def train_one_epoch(
     scaler: torch.amp.GradScaler,
     amp_dtype: torch.dtype | None,
     world_size: int,
-    smoothing_weight: float,
+    loss: Mapping[str, Any],
     progress: bool = False,
 ) -> dict[str, float]:
     """One pass over the loader's steps: backward per window, an optimiser step where the sampler says so.
@@ -143,7 +144,7 @@ def train_one_epoch(
         update, slot = bool(batch["update"][0]), int(batch["slot"][0])
         with contextlib.nullcontext() if (update or not distributed) else model.no_sync():
             losses, states[slot] = _window_step(model, batch, states.get(slot), device=device, amp_dtype=amp_dtype,
-                                                world_size=world_size, smoothing_weight=smoothing_weight)
+                                                world_size=world_size, loss=loss)
             scaler.scale(losses["loss"]).backward()
         for key in totals:
             totals[key] += float(losses[key].detach())
@@ -253,7 +254,7 @@ def _family_functions(*, model: nn.Module, optimizer: torch.optim.Optimizer, sca
     def one_epoch(epoch: int) -> dict[str, float]:
         sampler.set_epoch(epoch)
         return train_one_epoch(model, loader, optimizer, device=dist.device, scaler=scaler, amp_dtype=amp_dtype,
-                               world_size=dist.world_size, smoothing_weight=section["loss"]["smoothing_weight"],
+                               world_size=dist.world_size, loss=section["loss"],
                                progress=dist.is_main)
 
     def predict_videos(network: nn.Module, videos: Sequence[str]) -> dict[str, np.ndarray]:

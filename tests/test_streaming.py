@@ -87,7 +87,7 @@ def test_shapes_masking_and_gradients(head, shift, norm):
     assert torch.all(outputs["backbone_logits"][2] == 0)
     labels = torch.randint(0, 4, (3, 5))
     loss = streaming_loss(outputs, labels, mask, frame_weights=torch.full((3,), 0.2), window_weights=torch.ones(3),
-                          smoothing_weight=0.15)
+                          smoothing_weight=0.15, smooth_across_windows=True)
     loss["loss"].backward()
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
@@ -228,7 +228,7 @@ def test_loss_ignores_padding_and_weights_rows():
     other = labels.clone()
     other[1, 3:] = 2  # different labels on padding frames
     weights = {"frame_weights": torch.tensor([1.0, 0.5]), "window_weights": torch.tensor([1.0, 0.5]),
-               "smoothing_weight": 0.15}
+               "smoothing_weight": 0.15, "smooth_across_windows": True}
     first = streaming_loss(outputs, labels, mask, **weights)
     second = streaming_loss(outputs, other, mask, **weights)
     assert float(first["loss"]) == pytest.approx(float(second["loss"]))
@@ -238,7 +238,8 @@ def test_loss_ignores_padding_and_weights_rows():
     assert float(first["backbone"]) == pytest.approx(float(row0 + 0.5 * row1), rel=1e-5)
     # Dropping a row's weight to zero removes it.
     only_first = streaming_loss(outputs, labels, mask, frame_weights=torch.tensor([1.0, 0.0]),
-                                window_weights=torch.tensor([1.0, 0.0]), smoothing_weight=0.15)  # fmt: skip
+                                window_weights=torch.tensor([1.0, 0.0]), smoothing_weight=0.15,
+                                smooth_across_windows=True)  # fmt: skip
     assert float(only_first["head"]) == pytest.approx(
         float(torch.nn.functional.cross_entropy(outputs["head_logits"][:1], labels[:1], reduction="sum")), rel=1e-5
     )
@@ -252,18 +253,20 @@ def test_smoothing_pairs_cross_windows_as_in_one_sequence():
     labels = torch.randint(0, 3, (1, 8))
     weights = {"frame_weights": torch.tensor([1.0]), "window_weights": torch.tensor([0.0]), "smoothing_weight": 1.0}
 
-    def window(start, stop, previous):
+    def window(start, stop, previous, across=True):
         outputs = {"head_logits": stages[-1, :, :, start:stop], "stage_logits": stages[..., start:stop],
                    "previous_logits": stages[..., max(start - 1, 0)], "previous_mask": torch.tensor([previous]),
                    "memory_logits": torch.zeros(1, 3, stop - start), "backbone_logits": torch.zeros(1, 3)}
         return streaming_loss(outputs, labels[:, start:stop], torch.ones(1, stop - start, dtype=torch.bool),
-                              **weights)
+                              smooth_across_windows=across, **weights)
 
     whole, first, second = window(0, 8, False), window(0, 5, False), window(5, 8, True)
     assert float(first["smoothing"] + second["smoothing"]) == pytest.approx(float(whole["smoothing"]), rel=1e-5)
     assert float(first["head"] + second["head"]) == pytest.approx(float(whole["head"]), rel=1e-5)
     unpaired = window(5, 8, False)
     assert float(unpaired["smoothing"]) < float(second["smoothing"])
+    # The authors' loss (smooth_across_windows false) ignores the frame before the window.
+    assert float(window(5, 8, True, across=False)["smoothing"]) == pytest.approx(float(unpaired["smoothing"]))
     expected = sum(float(torch.nn.functional.cross_entropy(stage, labels, reduction="sum")) for stage in stages)
     assert float(whole["head"]) == pytest.approx(expected, rel=1e-5)
 
