@@ -45,12 +45,31 @@ def import_closure(script: Path) -> set[str]:
 def test_every_stage_depends_on_the_code_it_imports():
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for name, stage in stages.items():
-        script = next(word for word in stage["cmd"].split() if word.startswith("stages/"))
+        words = stage["cmd"].split()
+        assert words[:2] == ["python", "-m"] and words[2].startswith("stages."), name  # see the test below
+        script = words[2].replace(".", "/") + ".py"
         deps = [str(dep) for dep in stage["deps"]]
         assert script in deps, name
         missing = sorted(f for f in import_closure(ROOT / script)
                          if not any(f == dep or f.startswith(dep.rstrip("/") + "/") for dep in deps))
         assert not missing, f"{name}: dvc.yaml deps miss {missing}"
+
+
+def test_a_stage_run_as_a_module_imports_the_package_beside_it(tmp_path):
+    """``python -m stages.NAME`` puts the working directory first on sys.path, so a stage that DVC runs in a copy
+    of the project (a queued experiment) imports that copy's etesvs, not the checkout of the editable install."""
+    import subprocess
+    import sys
+
+    (tmp_path / "etesvs").mkdir()
+    (tmp_path / "etesvs" / "__init__.py").write_text("COPY = True\n")
+    (tmp_path / "stages").mkdir()
+    (tmp_path / "stages" / "probe.py").write_text("import etesvs\nprint(etesvs.__file__)\n")
+    run = lambda *command: subprocess.run([sys.executable, *command], cwd=tmp_path, capture_output=True,  # noqa: E731
+                                          text=True, check=True).stdout.strip()
+    assert Path(run("-m", "stages.probe")) == tmp_path / "etesvs" / "__init__.py"
+    installed = Path(run("-c", "import sys; sys.path.pop(0); import etesvs; print(etesvs.__file__)"))
+    assert installed != tmp_path / "etesvs" / "__init__.py"  # what `python stages/probe.py` would have imported
 
 
 def test_feature_extraction_does_not_depend_on_the_temporal_models():
