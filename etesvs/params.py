@@ -18,7 +18,7 @@ import itertools
 import os
 import re
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from etesvs.errors import EtesvsError, run_main
 from etesvs.io import read_yaml
@@ -91,21 +91,19 @@ def stage_params(
     return selected
 
 
-def call_with(function: Callable[..., Any], section: Mapping[str, Any] | None, *, where: str, **fixed: Any) -> Any:
-    """``function(**fixed, **section)``, with unknown or missing keys of ``section`` refused in one line.
-
-    ``where`` names the section for the message, e.g. ``"params.yaml: mstcn.model"``. ``fixed`` are the
-    arguments that come from the data rather than the configuration (``num_classes``, ``in_channels``).
-    """
-    section = dict(section or {})
+def check_section(function: Callable[..., Any], section: Mapping[str, Any], *, where: str,
+                  fixed: Iterable[str] = ()) -> None:
+    """Refuse, in one line, keys of ``section`` that ``function`` does not take, keys it needs that are missing
+    (the argument names in ``fixed`` come from elsewhere) and keys that clash with ``fixed``."""
+    fixed = set(fixed)
     signature = inspect.signature(function)
     accepted = {name for name, p in signature.parameters.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
     takes_any = any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values())
     unknown = sorted(set(section) - accepted) if not takes_any else []
     if unknown:
-        known = ", ".join(sorted(accepted - set(fixed))) or "none"
+        known = ", ".join(sorted(accepted - fixed)) or "none"
         raise EtesvsError(f"{where}: unknown key {', '.join(unknown)} (known keys: {known})")
-    clash = sorted(set(section) & set(fixed))
+    clash = sorted(set(section) & fixed)
     if clash:
         raise EtesvsError(f"{where}: {', '.join(clash)} is set from the data and cannot be configured")
     missing = [
@@ -115,6 +113,16 @@ def call_with(function: Callable[..., Any], section: Mapping[str, Any] | None, *
     ]  # fmt: skip
     if missing:
         raise EtesvsError(f"{where}: missing key {', '.join(missing)}")
+
+
+def call_with(function: Callable[..., Any], section: Mapping[str, Any] | None, *, where: str, **fixed: Any) -> Any:
+    """``function(**fixed, **section)``, with unknown or missing keys of ``section`` refused in one line.
+
+    ``where`` names the section for the message, e.g. ``"params.yaml: mstcn.model"``. ``fixed`` are the
+    arguments that come from the data rather than the configuration (``num_classes``, ``in_channels``).
+    """
+    section = dict(section or {})
+    check_section(function, section, where=where, fixed=fixed)
     try:
         return function(**fixed, **section)
     except (TypeError, ValueError) as error:

@@ -35,7 +35,7 @@ from etesvs.distributed import DistInfo, all_reduce_sum
 from etesvs.errors import EtesvsError
 from etesvs.losses import streaming_loss
 from etesvs.models.streaming import StreamingSegmenter, WindowLogits, load_pretrained_backbone
-from etesvs.params import call_with
+from etesvs.params import call_with, check_section
 from etesvs.profiling import count_flops, count_parameters
 from etesvs.training import (
     segmentation_validation,
@@ -101,15 +101,15 @@ def row_weights(batch: dict[str, torch.Tensor], world_size: int) -> tuple[torch.
 def _window_step(model: nn.Module, batch: dict[str, torch.Tensor], state: Any, *, device: torch.device,
                  amp_dtype: torch.dtype | None, world_size: int, loss: Mapping[str, Any]) -> tuple[dict, Any]:
     """Forward one step of windows and compute its loss (``loss``: the ``streaming.loss`` section, the settings of
-    :func:`etesvs.losses.streaming_loss`); returns the loss parts and the new state."""
+    :func:`etesvs.losses.streaming_loss`, checked by :func:`train_streaming`); returns the loss parts and the new
+    state."""
     frames = batch["frames"].to(device, non_blocking=True)
     mask = batch["mask"].to(device, non_blocking=True)
     frame_weights, window_weights = (w.to(device) for w in row_weights(batch, world_size))
     with autocast(device, amp_dtype):
         outputs, state = model(frames, mask, state, batch["reset"].to(device, non_blocking=True))
-    losses = call_with(streaming_loss, loss, where="params.yaml: streaming.loss", outputs=outputs,
-                       labels=batch["labels"].to(device, non_blocking=True), mask=mask, frame_weights=frame_weights,
-                       window_weights=window_weights)
+    losses = streaming_loss(outputs, batch["labels"].to(device, non_blocking=True), mask,
+                            frame_weights=frame_weights, window_weights=window_weights, **loss)
     return losses, state
 
 
@@ -284,6 +284,8 @@ def train_streaming(
     section, seed, window = params["streaming"], params["seed"], params["window"]
     train, data, sample_rate = section["train"], section["data"], section["data"]["sample_rate"]
     check_settings(train, data, window=window, sample_rate=sample_rate)
+    check_section(streaming_loss, section["loss"], where="params.yaml: streaming.loss",
+                  fixed=("outputs", "labels", "mask", "frame_weights", "window_weights"))
     if train["num_threads"] > 0:
         torch.set_num_threads(train["num_threads"])
     info = load_label_info(labels_dir)

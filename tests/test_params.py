@@ -125,3 +125,15 @@ def test_call_with_checks_the_section_in_one_line():
         call_with(build, {}, where="p: m", num_classes=3)
     with pytest.raises(EtesvsError, match=r"^p: m: num_classes is set from the data"):
         call_with(build, {"width": 1.0, "num_classes": 2}, where="p: m", num_classes=3)
+
+
+def test_the_streaming_loss_section_is_checked_once_before_training():
+    from etesvs.losses import streaming_loss
+    from etesvs.params import check_section
+
+    fixed = ("outputs", "labels", "mask", "frame_weights", "window_weights")
+    check_section(streaming_loss, {"smoothing_weight": 0.15, "smooth_across_windows": True}, where="p: l", fixed=fixed)
+    with pytest.raises(EtesvsError, match=r"^p: l: unknown key smoothing \(known keys: clamp, smooth_across_windows, "):
+        check_section(streaming_loss, {"smoothing": 0.15, "smooth_across_windows": True}, where="p: l", fixed=fixed)
+    with pytest.raises(EtesvsError, match=r"^p: l: missing key smooth_across_windows$"):
+        check_section(streaming_loss, {"smoothing_weight": 0.15}, where="p: l", fixed=fixed)
