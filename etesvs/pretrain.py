@@ -207,8 +207,8 @@ class MobileNetPretrainer(nn.Module):
     def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, length = frames.shape[:2]
         # (B, T, 3, S, S) -> (B*T, 3, S, S) -> (B*T, C', h, w)
-        x = run_backbone(self.mobilenet.features, frames.flatten(0, 1), num_frames=length,
-                         shift_divisor=self.shift_divisor, stem_shift=self.stem_shift)  # fmt: skip
+        x, _ = run_backbone(self.mobilenet.features, frames.flatten(0, 1), num_frames=length,
+                            shift_divisor=self.shift_divisor, stem_shift=self.stem_shift)  # fmt: skip
         x = x.mean(dim=(2, 3))  # (B*T, C', h, w) -> (B*T, C')
         logits = self.mobilenet.classifier(x.detach()).view(batch, length, -1)  # (B*T, C) -> (B, T, C)
         motion = self.motion_head(x).view(batch, length, -1).transpose(1, 2)  # (B*T, M) -> (B, M, T)

@@ -89,7 +89,8 @@ def load_stream_model(path: str | Path, device: str | torch.device = "cpu") -> S
         raise EtesvsError(f"{path}: not a streaming-model checkpoint (missing {', '.join(missing)})")
     try:
         # Older files: no stem shift, a single head stage whose tensors were named head.* (now head.stages.0.*).
-        model = StreamingSegmenter(**{"stem_shift": False, "head_stages": 1, **checkpoint["model_args"]})
+        model = StreamingSegmenter(**{"stem_shift": False, "head_stages": 1, "shift_across_windows": False,
+                                      **checkpoint["model_args"]})
         model.load_state_dict(_single_stage_head_names(checkpoint["model"]))
     except (TypeError, ValueError, RuntimeError) as error:
         reason = str(error).splitlines()[0]

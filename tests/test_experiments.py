@@ -27,7 +27,7 @@ PUBLISHED = {
                  "asformer.train.weight_decay": 0.00001, "asformer.train.scheduler": "plateau"},
     "etesvs": {"streaming.model.width_mult": 1.0, "streaming.model.temporal_shift": True,
                "streaming.model.head_stages": 1, "streaming.model.head_layers": 4, "streaming.model.head_channels": 64,
-               "streaming.loss.smooth_across_windows": False,
+               "streaming.model.shift_across_windows": False, "streaming.loss.smooth_across_windows": False,
                "streaming.data.image_size": 224, "streaming.model.norm": "batch",
                "streaming.pretrained": "data/pretrained/mobilenet_v2-b0353104.pth"},
 }

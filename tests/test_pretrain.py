@@ -83,7 +83,7 @@ def test_exported_weights_load_with_the_real_loaders(tmp_path, backbone):
         assert all(torch.equal(value, reference[key]) for key, value in loaded.model.state_dict().items())
     else:
         streaming = StreamingSegmenter(num_classes=3, width_mult=0.35, temporal_shift=True, shift_divisor=8, stem_shift=True,
-                                       memory_channels=8, head="tcn", head_stages=1, head_layers=2, head_channels=8, dropout=0.0,
+                                       shift_across_windows=True, memory_channels=8, head="tcn", head_stages=1, head_layers=2, head_channels=8, dropout=0.0,
                                        norm="batch")
         load_pretrained_backbone(streaming, str(path))
         reference = model.mobilenet.features.state_dict()

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_VIDEOS = Path(__file__).resolve().parents[2] / "shared" / "data" / "videos"
 CLASSES = ["background", "wave", "point"]
 MODEL_ARGS = {"num_classes": 3, "width_mult": 0.35, "temporal_shift": False, "shift_divisor": 8, "stem_shift": False,
-              "memory_channels": 8,
+              "shift_across_windows": False, "memory_channels": 8,
               "head": "causal_tcn", "head_stages": 1, "head_layers": 3, "head_channels": 8, "dropout": 0.0, "norm": "group"}
 
 
@@ -42,10 +42,12 @@ def make_checkpoint(
 
 
 def test_a_checkpoint_from_before_multi_stage_heads_still_loads(tmp_path):
-    """Files written before ``head_stages`` existed: no such model argument, single-stage tensors named head.*."""
+    """Files written before ``head_stages`` and ``shift_across_windows`` existed: no such model arguments,
+    single-stage tensors named head.*."""
     path = make_checkpoint(tmp_path / "new.pt")
     checkpoint = torch.load(path, weights_only=True)
     checkpoint["model_args"].pop("head_stages")
+    checkpoint["model_args"].pop("shift_across_windows")
     checkpoint["model"] = {key.replace("head.stages.0.", "head."): value for key, value in checkpoint["model"].items()}
     assert "head.conv_in.weight" in checkpoint["model"]
     torch.save(checkpoint, tmp_path / "old.pt")

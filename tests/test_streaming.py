@@ -26,7 +26,8 @@ from etesvs.errors import EtesvsError
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
-TINY = {"width_mult": 0.35, "temporal_shift": False, "shift_divisor": 8, "stem_shift": False, "memory_channels": 8,
+TINY = {"width_mult": 0.35, "temporal_shift": False, "shift_divisor": 8, "shift_across_windows": False,
+        "stem_shift": False, "memory_channels": 8,
         "head": "causal_tcn", "head_stages": 1, "head_layers": 3, "head_channels": 8, "norm": "batch"}
 
 
@@ -100,7 +101,7 @@ def test_backbone_trains_channels_last_with_a_plain_state_dict():
     model = tiny_model(temporal_shift=True, stem_shift=True)
     convolutions = [m.weight for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d)]
     assert all(weight.is_contiguous(memory_format=torch.channels_last) for weight in convolutions)
-    features = model.backbone_features(torch.randn(2 * 4, 3, 32, 32), num_frames=4)  # NCHW frames in
+    features, _ = model.backbone_features(torch.randn(2 * 4, 3, 32, 32), num_frames=4)  # NCHW frames in
     assert features.is_contiguous(memory_format=torch.channels_last)
     plain = tiny_model(temporal_shift=True, stem_shift=True)
     plain.backbone.to(memory_format=torch.contiguous_format)
@@ -122,10 +123,26 @@ def test_padding_content_does_not_matter():
         torch.testing.assert_close(first[key], second[key])
 
 
+def randomise_batch_norm(model: StreamingSegmenter) -> StreamingSegmenter:
+    """Running statistics and affine parameters as trained ones look: a zero frame no longer gives zero features."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.normal_(0.0, 0.5, generator=generator)
+                module.running_var.uniform_(0.5, 2.0, generator=generator)
+                module.bias.normal_(0.0, 0.5, generator=generator)
+    return model
+
+
+@pytest.mark.parametrize("across", [False, True])
 @pytest.mark.parametrize("head", ["tcn", "causal_tcn"])
-def test_a_short_last_window_labels_as_the_padded_window(head):
-    # The stream does not pad a video's last window: its real frames must get the padded window's outputs and state.
-    model = tiny_model(temporal_shift=True, stem_shift=True, head=head).eval()
+def test_a_short_last_window_labels_as_the_padded_window(head, across):
+    # The stream does not pad a video's last window: its real frames must get the padded window's outputs and state,
+    # also when BatchNorm gives a padding frame non-zero features (the shifts must pass zeros from it).
+    model = randomise_batch_norm(
+        tiny_model(temporal_shift=True, stem_shift=True, shift_across_windows=across, head=head)
+    ).eval()
     frames = torch.randn(1, 6, 3, 32, 32)
     first = torch.randn(1, 6, 3, 32, 32)
     padded_mask = torch.ones(1, 6, dtype=torch.bool)
@@ -138,6 +155,59 @@ def test_a_short_last_window_labels_as_the_padded_window(head):
     torch.testing.assert_close(short["memory_logits"], padded["memory_logits"][:, :, :4], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(short["backbone_logits"], padded["backbone_logits"], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(short_state.hidden, padded_state.hidden, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(short_state.shift_carry, padded_state.shift_carry, atol=1e-5, rtol=1e-4)
+    assert short_state.shift_carry.shape[1] > 0 if across else short_state.shift_carry.shape[1] == 0
+
+
+def test_shift_across_windows_streams_the_backbone_exactly():
+    # Carrying the forward shift, a window's first frame gets the features it would get inside one long clip; only
+    # the last frame of a window differs (it receives zeros from the frame after it, which is not seen yet).
+    model = randomise_batch_norm(tiny_model(temporal_shift=True, stem_shift=True, shift_across_windows=True)).eval()
+    frames = torch.randn(1, 8, 3, 32, 32)
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    with torch.no_grad():
+        whole, _ = model.backbone_features(frames.flatten(0, 1), 8)
+        first, _, carry = model._backbone_pass(frames[:, :4], mask[:, :4], None)
+        second, _, _ = model._backbone_pass(frames[:, 4:], mask[:, 4:], carry)
+        alone, _, _ = model._backbone_pass(frames[:, 4:], mask[:, 4:], None)
+    whole = whole.unflatten(0, (1, 8))
+    # Frames far from the window's end match the long clip: the first window's first and the second window's first.
+    for streamed, index in ((first[:, 0], 0), (second[:, 0], 4)):
+        torch.testing.assert_close(streamed, whole[:, index], atol=1e-6, rtol=1e-5)
+    assert (alone[:, 0] - whole[:, 4]).abs().max() > 1e-4  # without the carry, the first frame differs
+    assert (first[:, 3] - whole[:, 3]).abs().max() > 1e-4  # the last frame cannot see the next window
+    # The same through the whole model, with reset: a new video starts from zeros whatever was carried.
+    with torch.no_grad():
+        _, state = model(frames[:, :4], mask[:, :4])
+        assert state.shift_carry.abs().sum() > 0
+        reset, _ = model(frames[:, 4:], mask[:, 4:], state, reset=torch.tensor([True]))
+        fresh, _ = model(frames[:, 4:], mask[:, 4:])
+    torch.testing.assert_close(reset["head_logits"], fresh["head_logits"])
+
+
+def test_shift_across_windows_is_off_without_the_option():
+    model = randomise_batch_norm(tiny_model(temporal_shift=True, stem_shift=True)).eval()
+    frames = torch.randn(1, 8, 3, 32, 32)
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    with torch.no_grad():
+        _, state = model(frames[:, :4], mask[:, :4])
+        carried, _ = model(frames[:, 4:], mask[:, 4:], state)
+        fresh_state = model.initial_state(1, tuple(state.hidden.shape[2:]))
+        fresh_state = fresh_state._replace(hidden=state.hidden, cell=state.cell, head_inputs=state.head_inputs,
+                                           head_mask=state.head_mask, last_logits=state.last_logits,
+                                           last_mask=state.last_mask)  # fmt: skip
+        same, _ = model(frames[:, 4:], mask[:, 4:], fresh_state)
+    assert state.shift_carry.shape == (1, 0)
+    torch.testing.assert_close(carried["head_logits"], same["head_logits"])
+
+
+def test_a_carried_shift_state_of_the_wrong_size_is_refused():
+    model = tiny_model(temporal_shift=True, shift_across_windows=True).eval()
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    with torch.no_grad():
+        _, state = model(torch.randn(1, 4, 3, 32, 32), mask)
+        with pytest.raises(ValueError, match="carried shift state"):
+            model(torch.randn(1, 4, 3, 64, 64), mask, state)
 
 
 def test_temporal_shift_moves_channels_between_neighbours():

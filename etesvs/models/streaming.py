@@ -47,6 +47,9 @@ class StreamState(NamedTuple):
         last_logits: (S, B, C) logits of every head stage at the last frame seen (what the smoothing loss compares
             the next window's first frame with).
         last_mask: (B,) bool, True where ``last_logits`` holds a real frame of the current video.
+        shift_carry: (B, D) what the backbone's temporal shifts pass forward in time from the last frame seen (see
+            :func:`run_backbone`); D = 0 when nothing is carried (no shift across windows, or no frame seen yet).
+            Zeros are the same as nothing: the first frame of a video sees zeros before it.
     """
 
     hidden: torch.Tensor
@@ -55,6 +58,7 @@ class StreamState(NamedTuple):
     head_mask: torch.Tensor
     last_logits: torch.Tensor
     last_mask: torch.Tensor
+    shift_carry: torch.Tensor
 
     def detach(self) -> "StreamState":
         return StreamState(*(tensor.detach() for tensor in self))
@@ -69,16 +73,23 @@ class StreamState(NamedTuple):
             head_mask=self.head_mask & ~rows[:, None],
             last_logits=self.last_logits * keep.to(self.last_logits.dtype)[None, :, None],
             last_mask=self.last_mask & ~rows,
+            shift_carry=self.shift_carry * keep.to(self.shift_carry.dtype)[:, None],
         )
 
 
-def temporal_shift(x: torch.Tensor, num_frames: int, divisor: int) -> torch.Tensor:
+def temporal_shift(
+    x: torch.Tensor, num_frames: int, divisor: int, *, valid: torch.Tensor | None = None,
+    before: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Shift 1/divisor of the channels one frame forward in time and 1/divisor one frame backward (TSM).
 
-    Frames outside the window are zeros, so a window sees no other window through the shift.
+    Frames outside the clip are zeros, except that ``before`` can give what the clip's first frame receives from the
+    frame before it (the last frame of the previous window of the same video).
 
     Args:
         x: (N * num_frames, C, H, W), the frames of N clips one after the other.
+        valid: (N * num_frames,) bool, the real frames (None: all); a padding frame passes zeros to its neighbours.
+        before: (N, C/divisor, H, W), channels [0, C/divisor) of the frame before each clip (None: zeros).
 
     Returns:
         Same shape; channels [0, C/d) of frame t come from frame t - 1, channels [C/d, 2C/d) from frame t + 1.
@@ -86,34 +97,75 @@ def temporal_shift(x: torch.Tensor, num_frames: int, divisor: int) -> torch.Tens
     total, channels = x.shape[:2]
     clips = x.unflatten(0, (total // num_frames, num_frames))  # (N*T, C, H, W) -> (N, T, C, H, W), any memory format
     fold = channels // divisor
+    source = clips[:, :, : 2 * fold]
+    if valid is not None:
+        source = source * valid.view(*clips.shape[:2], 1, 1, 1).to(source.dtype)
     shifted = torch.empty_like(clips)
-    shifted[:, 1:, :fold] = clips[:, :-1, :fold]
-    shifted[:, :1, :fold] = 0
-    shifted[:, :-1, fold : 2 * fold] = clips[:, 1:, fold : 2 * fold]
+    shifted[:, 1:, :fold] = source[:, :-1, :fold]
+    shifted[:, :1, :fold] = 0 if before is None else before[:, None].to(shifted.dtype)
+    shifted[:, :-1, fold : 2 * fold] = source[:, 1:, fold : 2 * fold]
     shifted[:, -1:, fold : 2 * fold] = 0
     shifted[:, :, 2 * fold :] = clips[:, :, 2 * fold :]
     return shifted.flatten(0, 1)  # (N, T, C, H, W) -> (N*T, C, H, W)
 
 
-def run_backbone(backbone: nn.Sequential, frames: torch.Tensor, *, num_frames: int, shift_divisor: int,
-                 stem_shift: bool) -> torch.Tensor:
+def run_backbone(
+    backbone: nn.Sequential, frames: torch.Tensor, *, num_frames: int, shift_divisor: int, stem_shift: bool,
+    valid: torch.Tensor | None = None, previous: torch.Tensor | None = None, last: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """MobileNetV2 ``features`` on clips of ``num_frames`` frames, with TSM's residual temporal shift of
     1/``shift_divisor`` of the channels each way (0: no shift), and with ``stem_shift`` a plain shift of the stem's
     output before the first inverted residual block.
 
     Shapes: (N * T, 3, H, W) -> (N * T, C, H/32, W/32). The frames run channels-last (NHWC, converted here when
     they are not), as the backbones' weights are: oneDNN's and cuDNN's depthwise convolutions are much faster so.
+
+    Args:
+        valid: (N * T,) bool, the real frames (None: all); padding frames pass zeros through the shifts.
+        previous: (N, D), what every shift passes forward in time from the frame before each clip, as this function
+            returned it (``carry``) for the previous window of the same video; None or D = 0: zeros (no such frame).
+        last: (N,) long, the frame of each clip whose forward-shifted channels to return as ``carry`` (None: none).
+
+    Returns:
+        ``(features, carry)``: carry (N, D) holds, for every shift in order, channels [0, C/shift_divisor) of its
+        input at frame ``last`` of each clip, flattened (None when ``last`` is None).
     """
     x = frames.contiguous(memory_format=torch.channels_last)
+    if previous is not None and previous.shape[1] == 0:
+        previous = None
+    carried, offset = [], 0
+
+    def shift(x: torch.Tensor) -> torch.Tensor:
+        nonlocal offset
+        clips = x.unflatten(0, (x.shape[0] // num_frames, num_frames))  # (N*T, C, H, W) -> (N, T, C, H, W)
+        fold = x.shape[1] // shift_divisor
+        before = None
+        if previous is not None:
+            size = fold * x.shape[2] * x.shape[3]
+            if offset + size > previous.shape[1]:
+                raise ValueError(f"the carried shift state has {previous.shape[1]} values per clip, too few for "
+                                 f"frames of {tuple(frames.shape[2:])}")
+            before = previous[:, offset : offset + size].view(clips.shape[0], fold, *x.shape[2:])
+            offset += size
+        if last is not None:
+            rows = torch.arange(clips.shape[0], device=x.device)
+            carried.append(clips[rows, last, :fold].flatten(1))  # (N, fold, H, W) -> (N, fold*H*W)
+        return temporal_shift(x, num_frames, shift_divisor, valid=valid, before=before)
+
     for index, layer in enumerate(backbone):
         if shift_divisor and stem_shift and index == 1:
-            x = layer(temporal_shift(x, num_frames, shift_divisor))
+            x = layer(shift(x))
         elif shift_divisor and isinstance(layer, InvertedResidual) and layer.use_res_connect:
             # TSM's residual shift: the shortcut keeps the frame's own features, the branch mixes in its neighbours.
-            x = x + layer.conv(temporal_shift(x, num_frames, shift_divisor))
+            x = x + layer.conv(shift(x))
         else:
             x = layer(x)
-    return x
+    if previous is not None and offset != previous.shape[1]:
+        raise ValueError(f"the carried shift state has {previous.shape[1]} values per clip, the shifts take {offset}")
+    if last is None:
+        return x, None
+    carry = torch.cat(carried, dim=1) if carried else x.new_zeros(len(last), 0)
+    return x, carry
 
 
 def _group_norm(channels: int) -> nn.GroupNorm:
@@ -158,6 +210,9 @@ class StreamingSegmenter(nn.Module):
         temporal_shift: insert a temporal shift in the residual branch of MobileNetV2's residual blocks.
         shift_divisor: with ``temporal_shift``, 1/shift_divisor of the channels move one frame forward in time and
             1/shift_divisor one frame backward (TSM: 8).
+        shift_across_windows: with ``temporal_shift``, the first frame of a window receives the shifted channels of
+            the last frame of the window before (carried in the state, as online TSM does) instead of zeros; the
+            last frame of a window still receives zeros from the frame after it.
         stem_shift: with ``temporal_shift``, also shift the stem's output (in place, TSM's plain variant) before the
             first inverted residual block, so frame differences can form at half resolution: at narrow widths the
             residual blocks shift only a channel or two each way.
@@ -182,6 +237,7 @@ class StreamingSegmenter(nn.Module):
         width_mult: float,
         temporal_shift: bool,
         shift_divisor: int,
+        shift_across_windows: bool,
         stem_shift: bool,
         memory_channels: int,
         head: str,
@@ -204,6 +260,7 @@ class StreamingSegmenter(nn.Module):
         self.backbone = mobilenet.features.to(memory_format=torch.channels_last)
         self.temporal_shift = temporal_shift
         self.shift_divisor = shift_divisor
+        self.shift_across_windows = shift_across_windows
         self.stem_shift = stem_shift
         self.causal = head == "causal_tcn"
         backbone_channels = self.backbone[-1].out_channels
@@ -233,11 +290,15 @@ class StreamingSegmenter(nn.Module):
                     module.eval()
         return self
 
-    def backbone_features(self, frames: torch.Tensor, num_frames: int) -> torch.Tensor:
-        """MobileNetV2 features of clips of ``num_frames`` frames: (N * T, 3, H, W) -> (N * T, 1280, H/32, W/32)."""
+    def backbone_features(
+        self, frames: torch.Tensor, num_frames: int, *, valid: torch.Tensor | None = None,
+        previous: torch.Tensor | None = None, last: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """MobileNetV2 features of clips of ``num_frames`` frames, (N * T, 3, H, W) -> (N * T, 1280, H/32, W/32),
+        and the shifts' carry (see :func:`run_backbone`; None unless ``last`` is given)."""
         shift = self.shift_divisor if self.temporal_shift else 0
         return run_backbone(self.backbone, frames, num_frames=num_frames, shift_divisor=shift,
-                            stem_shift=self.stem_shift)
+                            stem_shift=self.stem_shift, valid=valid, previous=previous, last=last)
 
     def initial_state(self, batch_size: int, feature_size: tuple[int, int], *, device=None, dtype=None) -> StreamState:
         """The state at the start of a video: all zeros, an empty head cache."""
@@ -248,29 +309,55 @@ class StreamingSegmenter(nn.Module):
         stages, classes = len(self.head.stages), self.head.stages[-1].conv_out.out_channels
         last_logits = torch.zeros(stages, batch_size, classes, device=device, dtype=dtype)
         last_mask = torch.zeros(batch_size, dtype=torch.bool, device=device)
-        return StreamState(zeros, zeros.clone(), head_inputs, head_mask, last_logits, last_mask)
+        shift_carry = torch.zeros(batch_size, 0, device=device, dtype=dtype)
+        return StreamState(zeros, zeros.clone(), head_inputs, head_mask, last_logits, last_mask, shift_carry)
 
-    def _backbone_pass(self, frames: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backbone features (B, T, 1280, h, w) of a window's frames, and the window-mean backbone logits (B, C)."""
+    def _backbone_pass(
+        self, frames: torch.Tensor, mask: torch.Tensor, carry: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Backbone features (B, T, 1280, h, w) of a window's frames, the window-mean backbone logits (B, C) and the
+        shifts' carry (B, D) after the window (D = 0 without shift across windows), given ``carry`` before it (B, D')
+        or None."""
         batch_size, num_frames = frames.shape[:2]
-        # Whatever a padding frame holds must not reach the real frames (through the temporal shift).
+        # Whatever a padding frame holds must not reach the real frames: its input is zeroed, and the temporal
+        # shifts pass zeros from it (its features are not zero: BatchNorm's shift and the biases).
+        valid = None
         if not bool(mask.all()):
             frames = frames * mask[:, :, None, None, None].to(frames.dtype)
+            valid = mask
         # Rows whose video has ended carry no frame: skip their backbone pass. At least one row always runs, so
         # that every parameter takes part in the graph (DistributedDataParallel needs that on every rank).
         rows = mask.any(dim=1).nonzero().squeeze(1)
         if rows.numel() == 0:
             rows = torch.zeros(1, dtype=torch.long, device=frames.device)
         every_row = rows.numel() == batch_size
-        active = frames if every_row else frames.index_select(0, rows)
-        features = self.backbone_features(active.flatten(0, 1), num_frames)  # (B' * T, 3, H, W) -> (B' * T, C, h, w)
+
+        def select(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return tensor if tensor is None or every_row else tensor.index_select(0, rows)
+
+        carrying = self.temporal_shift and self.shift_across_windows
+        positions = torch.arange(num_frames, device=mask.device)
+        last = (positions * mask).argmax(dim=1) if carrying else None  # (B,) each row's last real frame
+        active_valid = select(valid)
+        features, new_carry = self.backbone_features(
+            select(frames).flatten(0, 1), num_frames, valid=None if active_valid is None else active_valid.flatten(),
+            previous=select(carry), last=select(last),
+        )  # (B' * T, 3, H, W) -> (B' * T, C, h, w), carry (B', D)
         features = features.unflatten(0, (len(rows), num_frames))  # (B'*T, ...) -> (B', T, ...)
         if not every_row:
             features = features.new_zeros(batch_size, *features.shape[1:]).index_copy(0, rows, features)
+        if new_carry is None:
+            new_carry = features.new_zeros(batch_size, 0)
+        else:  # rows without a real frame in this window keep what they carried (zeros: nothing)
+            seen = mask.any(dim=1)
+            kept = features.new_zeros(batch_size, new_carry.shape[1])
+            if carry is not None and carry.shape[1] == new_carry.shape[1]:
+                kept = carry.to(kept.dtype)
+            new_carry = torch.where(seen[:, None], kept.index_copy(0, rows, new_carry.to(kept.dtype)), kept)
         frame_mask = mask.to(features.dtype)
         frame_scores = self.backbone_classifier(features.mean(dim=(3, 4)))  # (B, T, 1280, h, w) -> (B, T, C)
         valid_counts = frame_mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # (B, 1)
-        return features, (frame_scores * frame_mask[:, :, None]).sum(dim=1) / valid_counts
+        return features, (frame_scores * frame_mask[:, :, None]).sum(dim=1) / valid_counts, new_carry
 
     def _memory_pass(self, reduced: torch.Tensor, mask: torch.Tensor, state: StreamState) -> tuple[torch.Tensor, ...]:
         """Run the ConvLSTM over the window's frames (B, T, M, h, w); padding frames leave the memory as it was.
@@ -333,7 +420,12 @@ class StreamingSegmenter(nn.Module):
         """
         batch_size, num_frames = frames.shape[:2]
         mask = mask.to(torch.bool)
-        features, backbone_logits = self._backbone_pass(frames, mask)
+        carry = None
+        if state is not None and self.temporal_shift and self.shift_across_windows:
+            carry = state.shift_carry.detach()
+            if reset is not None:
+                carry = carry * (~reset.to(device=carry.device, dtype=torch.bool))[:, None].to(carry.dtype)
+        features, backbone_logits, shift_carry = self._backbone_pass(frames, mask, carry)
         reduced = self.reduce(features.flatten(0, 1))  # (B*T, 1280, h, w) -> (B*T, M, h, w)
         reduced = reduced.unflatten(0, (batch_size, num_frames))  # (B*T, M, h, w) -> (B, T, M, h, w)
         if state is None:
@@ -356,7 +448,8 @@ class StreamingSegmenter(nn.Module):
             "memory_logits": memory_logits.transpose(1, 2),  # (B, T, C) -> (B, C, T)
             "backbone_logits": backbone_logits,
         }
-        return outputs, StreamState(hidden, cell, cache_inputs, cache_mask, last_logits, last_mask).detach()
+        new_state = StreamState(hidden, cell, cache_inputs, cache_mask, last_logits, last_mask, shift_carry)
+        return outputs, new_state.detach()
 
 
 def _backbone_tensors(state: dict, source: str, model: StreamingSegmenter) -> dict:
