@@ -168,6 +168,12 @@ def run_backbone(
     return x, carry
 
 
+def last_real_frame(mask: torch.Tensor) -> torch.Tensor:
+    """(B,) index of each row's last real frame in a window mask (B, T) whose real frames come first (0 if none)."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return (positions * mask).argmax(dim=1)
+
+
 def _group_norm(channels: int) -> nn.GroupNorm:
     # Channel counts of MobileNetV2 are multiples of 8 at every width; gcd keeps odd widths working too.
     return nn.GroupNorm(math.gcd(channels, 8), channels)
@@ -317,7 +323,7 @@ class StreamingSegmenter(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Backbone features (B, T, 1280, h, w) of a window's frames, the window-mean backbone logits (B, C) and the
         shifts' carry (B, D) after the window (D = 0 without shift across windows), given ``carry`` before it (B, D')
-        or None."""
+        or None (used only with shift across windows)."""
         batch_size, num_frames = frames.shape[:2]
         # Whatever a padding frame holds must not reach the real frames: its input is zeroed, and the temporal
         # shifts pass zeros from it (its features are not zero: BatchNorm's shift and the biases).
@@ -336,8 +342,9 @@ class StreamingSegmenter(nn.Module):
             return tensor if tensor is None or every_row else tensor.index_select(0, rows)
 
         carrying = self.temporal_shift and self.shift_across_windows
-        positions = torch.arange(num_frames, device=mask.device)
-        last = (positions * mask).argmax(dim=1) if carrying else None  # (B,) each row's last real frame
+        if not carrying:
+            carry = None
+        last = last_real_frame(mask) if carrying else None  # (B,)
         active_valid = select(valid)
         features, new_carry = self.backbone_features(
             select(frames).flatten(0, 1), num_frames, valid=None if active_valid is None else active_valid.flatten(),
@@ -389,8 +396,7 @@ class StreamingSegmenter(nn.Module):
     def _last_frame(logits: torch.Tensor, mask: torch.Tensor, state: StreamState) -> tuple[torch.Tensor, torch.Tensor]:
         """The stage logits (S, B, C) at each row's last real frame so far, and whether there is one (B,)."""
         seen = mask.any(dim=1)  # (B,)
-        positions = torch.arange(mask.shape[1], device=mask.device)
-        last = (positions * mask).argmax(dim=1)  # (B,) index of the last real frame (valid frames come first)
+        last = last_real_frame(mask)  # (B,)
         index = last[None, :, None, None].expand(logits.shape[0], -1, logits.shape[2], 1)  # (S, B, C, 1)
         current = logits.gather(3, index).squeeze(3)  # (S, B, C, T) -> (S, B, C)
         kept = torch.where(seen[None, :, None], current, state.last_logits.to(current.dtype))
@@ -420,19 +426,16 @@ class StreamingSegmenter(nn.Module):
         """
         batch_size, num_frames = frames.shape[:2]
         mask = mask.to(torch.bool)
-        carry = None
-        if state is not None and self.temporal_shift and self.shift_across_windows:
-            carry = state.shift_carry.detach()
+        if state is not None:
+            state = state.detach()
             if reset is not None:
-                carry = carry * (~reset.to(device=carry.device, dtype=torch.bool))[:, None].to(carry.dtype)
+                state = state.reset(reset.to(device=frames.device, dtype=torch.bool))
+        carry = None if state is None else state.shift_carry
         features, backbone_logits, shift_carry = self._backbone_pass(frames, mask, carry)
         reduced = self.reduce(features.flatten(0, 1))  # (B*T, 1280, h, w) -> (B*T, M, h, w)
         reduced = reduced.unflatten(0, (batch_size, num_frames))  # (B*T, M, h, w) -> (B, T, M, h, w)
-        if state is None:
+        if state is None:  # the start of the videos: nothing to reset
             state = self.initial_state(batch_size, tuple(features.shape[3:]), device=frames.device, dtype=reduced.dtype)
-        state = state.detach()
-        if reset is not None:
-            state = state.reset(reset.to(device=frames.device, dtype=torch.bool))
         memory_features, hidden, cell = self._memory_pass(reduced, mask, state)
         frame_mask = mask.to(features.dtype)
         memory_logits = self.memory_classifier(memory_features) * frame_mask[:, :, None]  # (B, T, C)
