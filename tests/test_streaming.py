@@ -82,7 +82,7 @@ def test_shapes_masking_and_gradients(head, shift, norm):
     assert outputs["memory_logits"].shape == (3, 4, 5)
     assert outputs["backbone_logits"].shape == (3, 4)
     assert state.hidden.shape == (3, 8, 1, 1) and not state.hidden.requires_grad
-    assert state.head_inputs.shape[2] == (2 * (1 + 2 + 4) if head == "causal_tcn" else 0)
+    assert state.head_inputs.shape[2] == {"causal_tcn": 2 * (1 + 2 + 4), "cached_tcn": 1 + 2 + 4, "tcn": 0}[head]
     # Padding frames and ended rows give exactly zero.
     assert torch.all(outputs["head_logits"][1, :, 3:] == 0) and torch.all(outputs["head_logits"][2] == 0)
     assert torch.all(outputs["backbone_logits"][2] == 0)
@@ -242,6 +242,30 @@ def test_causal_model_streams_exactly_and_never_peeks_ahead(stages):
         future, _ = model(changed, mask)
     torch.testing.assert_close(future["head_logits"][:, :, :5], whole["head_logits"][:, :, :5])
     assert not torch.allclose(future["head_logits"][:, :, 5:], whole["head_logits"][:, :, 5:])
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_cached_head_sees_the_past_and_the_rest_of_its_window(stages):
+    # The centred head with a cache: a window's frames see the previous windows (as a pass over the video so far
+    # does) and the later frames of their own window, but nothing after the window's end.
+    model = tiny_model(head="cached_tcn", head_stages=stages, norm="group").eval()
+    assert model.head_cache_frames == stages * 7  # dilations 1, 2, 4: each stage reaches 7 frames each way
+    frames = torch.randn(1, 8, 3, 32, 32)
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    with torch.no_grad():
+        whole, _ = model(frames, mask)
+        first, state = model(frames[:, :4], mask[:, :4])
+        second, _ = model(frames[:, 4:], mask[:, 4:], state)
+        alone, _ = model(frames[:, 4:], mask[:, 4:])
+        changed = frames.clone()
+        changed[:, 7] = torch.randn(3, 32, 32)
+        _, changed_state = model(changed[:, :4], mask[:, :4])
+        later, _ = model(changed[:, 4:], mask[:, 4:], changed_state)
+    for key in ("head_logits", "stage_logits"):  # the video so far, seen whole, labels its last window the same
+        torch.testing.assert_close(second[key], whole[key][..., 4:], atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(second["head_logits"], alone["head_logits"], atol=1e-4)  # the past counts
+    assert not torch.allclose(first["head_logits"][..., 3], whole["head_logits"][..., 3], atol=1e-4)  # no peeking
+    assert not torch.allclose(later["head_logits"][..., 0], second["head_logits"][..., 0], atol=1e-4)  # lookahead
 
 
 @pytest.mark.parametrize("head", HEADS)

@@ -9,8 +9,9 @@ window the model
    state is carried from one window to the next of the same video (the memory),
 3. pools the reduced features and the memory's hidden state over space and labels every frame with a dilated TCN
    of one or more stages (MS-TCN's refinement: each later stage reads the softmax of the one before), either
-   window-local (``head="tcn"``) or causal with a cache of the previous windows' last frames
-   (``head="causal_tcn"``), so that outputs at the start of a window see the past.
+   window-local (``head="tcn"``), or with a cache of the previous windows' last frames so that outputs at the
+   start of a window see the past: causal (``head="causal_tcn"``) or centred (``head="cached_tcn"``: a frame also
+   sees the rest of its window, which the stream has read before it labels the window).
 
 State crosses windows only through the explicit :class:`StreamState` returned by ``forward`` and passed back in;
 it is returned detached, so gradients never flow into a previous window (truncated back-propagation through
@@ -32,7 +33,7 @@ from etesvs.errors import EtesvsError
 from etesvs.io import load_weights_file
 from etesvs.models.mstcn import MultiStageTCN
 
-HEADS = ("tcn", "causal_tcn")
+HEADS = ("tcn", "causal_tcn", "cached_tcn")
 NORMS = ("batch", "frozen_batch", "group")
 
 
@@ -223,7 +224,10 @@ class StreamingSegmenter(nn.Module):
             first inverted residual block, so frame differences can form at half resolution: at narrow widths the
             residual blocks shift only a channel or two each way.
         memory_channels: M, channels of the reduced feature map and of the ConvLSTM.
-        head: ``"tcn"`` (dilated TCN over the window only) or ``"causal_tcn"`` (causal, sees previous windows).
+        head: ``"tcn"`` (dilated TCN over the window only), ``"causal_tcn"`` (causal, sees previous windows: its
+            output equals a causal pass over the whole video) or ``"cached_tcn"`` (centred taps over the previous
+            windows' last frames and the current window: a frame sees its past and the rest of its window, and
+            zeros after the window's end, as the window-local head does).
         head_stages: stages of the head (1: a single-stage TCN, as the ETESVS authors' head; more: MS-TCN's
             refinement stages, each reading the softmax of the stage before).
         head_layers: dilated layers of each head stage (dilations 1, 2, ..., 2**(head_layers - 1)).
@@ -269,6 +273,7 @@ class StreamingSegmenter(nn.Module):
         self.shift_across_windows = shift_across_windows
         self.stem_shift = stem_shift
         self.causal = head == "causal_tcn"
+        self.cached_head = head in ("causal_tcn", "cached_tcn")
         backbone_channels = self.backbone[-1].out_channels
         self.backbone_classifier = nn.Linear(backbone_channels, num_classes)
         self.reduce = nn.Sequential(nn.Conv2d(backbone_channels, memory_channels, kernel_size=1), nn.ReLU(inplace=True))
@@ -283,9 +288,10 @@ class StreamingSegmenter(nn.Module):
             dropout=dropout,
             causal=self.causal,
         )
-        # A causal head needs the last (receptive field - 1) frames of its input to label the first frame of a window
-        # as it would have inside one long sequence.
-        self.head_cache_frames = self.head.receptive_field - 1 if self.causal else 0
+        # A cached head needs the frames of its input that the first frame of a window reaches back to: all of the
+        # receptive field but the frame itself for a causal head, half of it for a centred one.
+        reach = self.head.receptive_field - 1
+        self.head_cache_frames = (reach if self.causal else reach // 2) if self.cached_head else 0
 
     def train(self, mode: bool = True) -> "StreamingSegmenter":
         """Set training mode; with ``norm="frozen_batch"`` the backbone's BatchNorm layers stay in eval mode."""
@@ -384,7 +390,7 @@ class StreamingSegmenter(nn.Module):
     def _head_pass(self, head_inputs: torch.Tensor, mask: torch.Tensor, state: StreamState) -> tuple[torch.Tensor, ...]:
         """Every head stage's logits (S, B, C, T) of the window's inputs (B, 2M, T), and the head cache to carry on."""
         num_frames = head_inputs.shape[2]
-        if not self.causal:
+        if not self.cached_head:
             return self.head(head_inputs, mask[:, None, :].to(head_inputs.dtype)), state.head_inputs, state.head_mask
         sequence = torch.cat([state.head_inputs.to(head_inputs.dtype), head_inputs], dim=2)  # (B, 2M, K + T)
         sequence_mask = torch.cat([state.head_mask, mask], dim=1)  # (B, K + T)
