@@ -219,16 +219,25 @@ def test_temporal_shift_moves_channels_between_neighbours():
     assert torch.equal(shifted[:, :, 4:], clips[:, :, 4:])
 
 
+def stream_two_windows(model: StreamingSegmenter, frames: torch.Tensor) -> tuple[dict, dict, dict, object]:
+    """One pass over a clip of 8 frames, and the same clip streamed as two windows of 4: (whole, first, second, the
+    state after the first window)."""
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    with torch.no_grad():
+        whole, _ = model(frames, mask)
+        first, state = model(frames[:, :4], mask[:, :4])
+        second, _ = model(frames[:, 4:], mask[:, 4:], state)
+    return whole, first, second, state
+
+
 @pytest.mark.parametrize("stages", [1, 2])
 def test_causal_model_streams_exactly_and_never_peeks_ahead(stages):
     model = tiny_model(head="causal_tcn", head_stages=stages, norm="group").eval()
     assert model.head_cache_frames == stages * 14  # dilations 1, 2, 4: each stage sees 14 earlier frames
     frames = torch.randn(1, 8, 3, 32, 32)
     mask = torch.ones(1, 8, dtype=torch.bool)
+    whole, first, second, _ = stream_two_windows(model, frames)
     with torch.no_grad():
-        whole, _ = model(frames, mask)
-        first, state = model(frames[:, :4], mask[:, :4])
-        second, _ = model(frames[:, 4:], mask[:, 4:], state)
         assert whole["stage_logits"].shape == (stages, 1, 4, 8)
         torch.testing.assert_close(whole["head_logits"], whole["stage_logits"][-1])
         for key in ("head_logits", "stage_logits"):
@@ -251,16 +260,13 @@ def test_cached_head_sees_the_past_and_the_rest_of_its_window(stages):
     model = tiny_model(head="cached_tcn", head_stages=stages, norm="group").eval()
     assert model.head_cache_frames == stages * 7  # dilations 1, 2, 4: each stage reaches 7 frames each way
     frames = torch.randn(1, 8, 3, 32, 32)
-    mask = torch.ones(1, 8, dtype=torch.bool)
+    whole, first, second, state = stream_two_windows(model, frames)
+    mask = torch.ones(1, 4, dtype=torch.bool)
     with torch.no_grad():
-        whole, _ = model(frames, mask)
-        first, state = model(frames[:, :4], mask[:, :4])
-        second, _ = model(frames[:, 4:], mask[:, 4:], state)
-        alone, _ = model(frames[:, 4:], mask[:, 4:])
-        changed = frames.clone()
-        changed[:, 7] = torch.randn(3, 32, 32)
-        _, changed_state = model(changed[:, :4], mask[:, :4])
-        later, _ = model(changed[:, 4:], mask[:, 4:], changed_state)
+        alone, _ = model(frames[:, 4:], mask)
+        changed = frames[:, 4:].clone()
+        changed[:, 3] = torch.randn(3, 32, 32)  # the window's last frame
+        later, _ = model(changed, mask, state)
     for key in ("head_logits", "stage_logits"):  # the video so far, seen whole, labels its last window the same
         torch.testing.assert_close(second[key], whole[key][..., 4:], atol=1e-5, rtol=1e-4)
     assert not torch.allclose(second["head_logits"], alone["head_logits"], atol=1e-4)  # the past counts
