@@ -256,12 +256,16 @@ def json_safe(metrics: Mapping[str, object]) -> dict[str, object]:
     return out
 
 
+def rounded_scores(scores: Mapping[str, object]) -> dict[str, object]:
+    """Scores in percent with 2 decimals, NaN as None: the numbers of a metrics file."""
+    return {key: None if value is None else round(float(value), 2) for key, value in json_safe(scores).items()}
+
+
 def dvc_metrics(scores: Mapping[str, object], model_info: Mapping[str, object]) -> dict[str, object]:
     """``reports/<model>/metrics.json``: the scores (percent, 2 decimals) and the model's size and cost in readable
     units (``params_m``: millions of parameters; ``mflops``: millions of FLOPs per frame), so that `dvc metrics
     show` puts every model on one short row. Timings never go here: metrics change only when results do."""
-    metrics: dict[str, object] = {key: None if value is None else round(float(value), 2)
-                                  for key, value in json_safe(scores).items()}
+    metrics: dict[str, object] = rounded_scores(scores)
     params, flops = model_info.get("params"), model_info.get("flops_per_frame")
     metrics["params_m"] = round(params / 1e6, 3) if params else None
     metrics["mflops"] = round(flops / 1e6, 2) if flops else None
@@ -335,8 +339,18 @@ def summary_markdown(reports: Mapping[str, Mapping[str, object]]) -> str:
     lines = ["| " + " | ".join(name for name, _ in SUMMARY_COLUMNS) + " |"]
     lines.append("|" + "|".join("---" for _ in SUMMARY_COLUMNS) + "|")
     for model, metrics in reports.items():
-        lines.append("| " + " | ".join(summary_cells(model, metrics)) + " |")
+        lines.extend("| " + " | ".join(cells) + " |" for cells in summary_rows(model, metrics))
     return "\n".join(lines) + "\n"
+
+
+def summary_rows(model: str, metrics: dict) -> list[list[str]]:
+    """A model's rows of the summary table: its scores, and for a streaming model whose labels are burr-suppressed
+    (``argmax`` in its metrics, see stage evaluate) a second row ``<model> (argmax)`` with the plain argmax's
+    segmentation scores (the localization columns come from the probabilities and are the same)."""
+    rows = [summary_cells(model, metrics)]
+    if isinstance(metrics.get("argmax"), dict):
+        rows.append(summary_cells(f"{model} (argmax)", {**metrics, **metrics["argmax"]}))
+    return rows
 
 
 def summary_cells(model: str, metrics: dict) -> list[str]:
@@ -424,11 +438,21 @@ def summary_caption(params: Mapping[str, Any]) -> str:
                    "extractor; those of etesvs are its whole network (backbone, memory, head).")
 
 
+def postprocess_caption(model: str, metrics: Mapping[str, Any]) -> str:
+    """What the two rows of a burr-suppressed streaming model are (see :func:`summary_rows`)."""
+    return (f"Row {model} scores the labels its stream emits: inside each window it has read, a run of at most "
+            f"{metrics.get('burr_frames')} frames that ends before the window's end takes the label before it "
+            f"(burr suppression, no added latency; streaming.postprocess); row {model} (argmax) scores each frame's "
+            "most likely class. Both rows' mAP and AUC come from the same probabilities.")
+
+
 def write_summary(metrics_files: Sequence[str | Path], out: str | Path, *, caption: str = "") -> str:
     """Write the summary table of ``reports/<model>/metrics.json`` files (model = the parent directory's name),
     under ``caption``."""
     reports = {Path(path).parent.name: read_json(path) for path in metrics_files}
     text = summary_markdown(reports)
+    caption = " ".join([caption, *(postprocess_caption(model, metrics) for model, metrics in reports.items()
+                                   if isinstance(metrics.get("argmax"), dict))]).strip()
     if caption:
         text = f"{caption}\n\n{text}"
     with atomic_path(out) as tmp:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from etesvs.errors import EtesvsError, run_main
-from etesvs.evaluate import SUMMARY_COLUMNS, summary_cells
+from etesvs.evaluate import SUMMARY_COLUMNS, summary_rows
 from etesvs.io import read_json
 from etesvs.params import project_root
 
@@ -42,13 +42,13 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 
 def models_table(root: Path) -> str:
-    """Every model's metrics in the workspace, one row each."""
+    """Every model's metrics in the workspace, one row each (and the streaming model's plain argmax)."""
     rows = []
     for model in MODELS:
         path = root / "reports" / model / "metrics.json"
         if not path.is_file():
             continue
-        rows.append(summary_cells(model, read_json(path)))
+        rows.extend(summary_rows(model, read_json(path)))
     if not rows:
         raise EtesvsError(f"{root / 'reports'}: no reports/<model>/metrics.json yet (run `make repro`)")
     return _table([name for name, _ in SUMMARY_COLUMNS], rows)

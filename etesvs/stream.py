@@ -1,11 +1,13 @@
 """Online action segmentation of a video file with a trained streaming model.
 
     python -m etesvs.stream VIDEO --checkpoint data/models/etesvs/best.pt [--fps F] [--window N] [--out DIR]
-                                  [--overlay OUT.mp4] [--windows]
+                                  [--overlay OUT.mp4] [--windows] [--burr-frames N]
     python -m etesvs.stream --live rtsp://camera.local/stream --checkpoint ...      (or /dev/video0)
 
 ffmpeg decodes the video file (any format it reads) straight to raw RGB frames at the model's frame rate and input size;
-the model labels them window by window, carrying only its constant-size state from one window to the next. Each
+the model labels them window by window, carrying only its constant-size state from one window to the next, and
+removes the burrs inside each window it has read (label runs of at most ``--burr-frames`` frames, default
+``streaming.postprocess.burr_frames`` of ./params.yaml, as the evaluation; see :mod:`etesvs.postprocess`). Each
 segment is printed as a JSON line as soon as it is final (when the label changes), with its confidence (the mean
 probability of its label over its frames); ``--windows`` also prints every window's labels, and a last line lists
 the segments of the whole video. Nothing grows with the length of the video: the segments are spooled to a file,
@@ -39,9 +41,12 @@ import torch
 
 from etesvs.data.frames import check_ffmpeg_exit, ffmpeg_exe, ffmpeg_reason, stop_ffmpeg
 from etesvs.errors import EtesvsError, run_main
-from etesvs.io import atomic_path, check_output_file, claim_output_dir, ffmpeg_file_input, load_weights_file
+from etesvs.io import (atomic_path, check_output_file, claim_output_dir, ffmpeg_file_input, load_weights_file,
+                       read_yaml)
 from etesvs.models.streaming import StreamingSegmenter, prepare_for_inference
 from etesvs.overlay import OverlayWriter
+from etesvs.params import PARAMS_FILE
+from etesvs.postprocess import check_burr_frames, suppress_burrs
 
 REQUIRED_KEYS = ("model", "model_args", "classes", "fps", "window", "sample_rate", "image_size", "normalization")
 OUTPUT_FILES = ("labels.txt", "segments.jsonl", "segments.png")
@@ -296,11 +301,14 @@ def stream_labels(
     fps: float | None = None,
     live: bool = False,
     display: tuple[int, int] | None = None,
+    burr_frames: int = 0,
 ) -> Iterator[WindowLabels]:
     """Label ``video`` window by window with constant memory: yields one :class:`WindowLabels` per window.
 
     ``video`` is a file name; with ``live``, a URL or a camera device (see :func:`ffmpeg_source`). With ``display``
     (width, height) the video is decoded at that size, handed back with the labels, and squeezed for the model.
+    ``burr_frames`` > 0 removes each window's burrs (:func:`etesvs.postprocess.suppress_burrs`); a relabelled
+    frame's confidence is then the probability of its new label.
     """
     window = window or stream_model.window
     sample_rate = stream_model.sample_rate
@@ -312,16 +320,17 @@ def stream_labels(
     size = None if display else stream_model.image_size
     chunks = read_ahead(read_frames(video, fps=fps or stream_model.fps, image_size=size, frame_size=display,
                                     chunk=window, live=live))  # fmt: skip
-    state, start = None, 0
+    state, start, previous = None, 0, None
     for index, chunk in enumerate(chunks):
         frames, mask = normalize(chunk[::sample_rate])
         outputs, state = model(frames, mask, state, torch.tensor([index == 0], device=device))
-        probabilities = torch.softmax(outputs["head_logits"][0].float(), dim=0)  # (C, T')
-        confidence, predicted = probabilities.max(dim=0)  # (T',) each
+        probabilities = torch.softmax(outputs["head_logits"][0].float(), dim=0).cpu()  # (C, T')
         every = torch.arange(len(chunk)) // sample_rate  # full-rate frame -> its fed frame
-        yield WindowLabels(index=index, start=start, labels=predicted.cpu()[every].numpy().astype(np.int64),
-                           confidence=confidence.cpu()[every].numpy(), frames=chunk if display else None)
-        start += len(chunk)
+        labels = suppress_burrs(probabilities.argmax(dim=0)[every].numpy().astype(np.int64), burr_frames, previous)
+        confidence = probabilities[torch.from_numpy(labels), every].numpy()
+        yield WindowLabels(index=index, start=start, labels=labels, confidence=confidence,
+                           frames=chunk if display else None)
+        start, previous = start + len(chunk), int(labels[-1])
 
 
 class SegmentTracker:
@@ -464,6 +473,7 @@ def run_stream(
     stdout: IO[str] = sys.stdout,
     live: bool = False,
     inputs: Sequence[str | Path] = (),
+    burr_frames: int = 0,
 ) -> dict:
     """Stream ``video``: JSON lines on ``stdout`` as segments become final, the whole video's segments at the end.
 
@@ -496,7 +506,8 @@ def run_stream(
                 spool.write(json.dumps(record) + "\n")
                 counts["segments"] += 1
 
-        for item in stream_labels(stream_model, video, window=window, fps=fps, live=live, display=display):
+        for item in stream_labels(stream_model, video, window=window, fps=fps, live=live, display=display,
+                                  burr_frames=burr_frames):
             counts["windows"] += 1
             counts["frames"] = item.start + len(item.labels)
             if print_windows:
@@ -524,6 +535,20 @@ def _save_label_picture(output: Any, stream_model: StreamModel, *, title: str, f
                    background_ids=stream_model.background_ids, title=title)  # fmt: skip
 
 
+def default_burr_frames(params_file: str | Path = PARAMS_FILE) -> int:
+    """``streaming.postprocess.burr_frames`` of ``params_file`` (the pipeline's, so that the stream emits the labels
+    the evaluation scored); 0 (off) when there is no such file or key."""
+    params_file = Path(params_file)
+    if not params_file.is_file():
+        return 0
+    value = read_yaml(params_file) or {}
+    for key in ("streaming", "postprocess", "burr_frames"):
+        if not isinstance(value, dict) or key not in value:
+            return 0
+        value = value[key]
+    return check_burr_frames(value, where=f"{params_file}: streaming.postprocess")
+
+
 def default_threads() -> int:
     """Torch threads for streaming: every core but one, left to ffmpeg, which decodes while the model labels."""
     return max(1, (os.cpu_count() or 2) - 1)
@@ -543,6 +568,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--live", action="store_true",
                         help="VIDEO is a live source: an rtsp/http/https/udp/tcp/rtmp/srt URL or a device such as "
                              "/dev/video0 (without it, VIDEO is always read as a file name)")  # fmt: skip
+    parser.add_argument("--burr-frames", type=int, default=None,
+                        help="remove label runs of at most N frames that end inside a window (0: off; default: "
+                             "streaming.postprocess.burr_frames of ./params.yaml, else 0)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=default_threads(),
                         help="torch CPU threads (default: all cores but one, which ffmpeg decodes on)")
@@ -553,9 +581,12 @@ def main(argv: list[str] | None = None) -> None:
         raise EtesvsError(f"--fps must be positive (got {args.fps})")
     if args.window is not None and args.window < 1:
         raise EtesvsError(f"--window must be positive (got {args.window})")
+    burr_frames = (default_burr_frames() if args.burr_frames is None
+                   else check_burr_frames(args.burr_frames, where="--burr-frames"))
     stream_model = load_stream_model(args.checkpoint, device=args.device)
     summary = run_stream(stream_model, args.video, out_dir=args.out, overlay=args.overlay, window=args.window,
-                         fps=args.fps, print_windows=args.windows, live=args.live, inputs=[args.checkpoint])
+                         fps=args.fps, print_windows=args.windows, live=args.live, inputs=[args.checkpoint],
+                         burr_frames=burr_frames)
     print(f"stream: {summary['frames']} frames, {summary['windows']} windows, {summary['segments']} segments"
           + (f" -> {args.out}" if args.out else "") + (f", {args.overlay}" if args.overlay else ""),
           file=sys.stderr)

@@ -287,15 +287,15 @@ def write_labels_dir(directory: Path, labels: dict[str, np.ndarray]) -> None:
     (directory / "info.json").write_text(json.dumps(info))
 
 
-def write_model_predictions(directory: Path, probabilities: dict[str, np.ndarray]) -> None:
+def write_model_predictions(directory: Path, probabilities: dict[str, np.ndarray], **extra) -> None:
     write_probabilities(directory / "probs.h5", probabilities)
-    model = {"model": "reference", "params": 1234567, "flops_per_frame": 2.5e9, "backbone_pretrained": False}
+    model = {"model": "reference", "params": 1234567, "flops_per_frame": 2.5e9, "backbone_pretrained": False, **extra}
     (directory / "model.json").write_text(json.dumps(model))
 
 
-def evaluate_stage(tmp_path: Path) -> subprocess.CompletedProcess:
+def evaluate_stage(tmp_path: Path, burr_frames: object = 7) -> subprocess.CompletedProcess:
     """The stage as DVC runs item ``evaluate@mstcn`` of its matrix, on a reference model's predictions."""
-    stage_workdir(tmp_path, {"window": 16})
+    stage_workdir(tmp_path, {"window": 16, "streaming": {"postprocess": {"burr_frames": burr_frames}}})
     env = dict(os.environ, MPLBACKEND="Agg", DVC_STAGE="evaluate@mstcn")
     return subprocess.run(
         [sys.executable, str(ROOT / "stages" / "evaluate.py"), "--labels", "data/labels",
@@ -342,6 +342,68 @@ def test_evaluate_stage_writes_metrics_tables_and_pictures(tmp_path):
     pictures = sorted(path.name for path in (report / "segments").iterdir())
     assert pictures == ["video_a.png", "video_b.png"]
     assert (report / "segments" / "video_a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def burr_labels() -> dict[str, np.ndarray]:
+    """Two test videos (and a training one) whose actions last 10 to 24 frames."""
+    return {name: np.repeat([0, 1, 2, 0, 3, 1, 0, 2], [12, 20, 14, 10, 24, 16, 11, 18]) for name in
+            ("video_a", "video_b", "video_c")}
+
+
+def flickering(labels: np.ndarray, seed: int) -> np.ndarray:
+    """One-hot probabilities of ``labels`` with 1- to 3-frame wrong runs right after some of the changes."""
+    rng = np.random.default_rng(seed)
+    predicted = labels.copy()
+    for change in np.flatnonzero(np.diff(labels)) + 1:
+        if rng.random() < 0.7:
+            predicted[change:change + int(rng.integers(1, 4))] = labels[change - 1]
+            predicted[change + 3] = (labels[change] % 3) + 1
+    return np.eye(len(CLASSES), dtype=np.float32)[predicted] * 0.9 + 0.025
+
+
+def test_evaluate_stage_scores_a_stream_after_its_burr_suppression(tmp_path):
+    from etesvs.postprocess import suppress_burrs_by_window
+
+    labels = burr_labels()
+    probabilities = {video: flickering(labels[video], seed) for seed, video in enumerate(("video_a", "video_b"))}
+    write_labels_dir(tmp_path / "data" / "labels", labels)
+    write_model_predictions(tmp_path / "data" / "predictions" / "reference", probabilities, window=32)
+    result = evaluate_stage(tmp_path, burr_frames=3)
+    assert result.returncode == 0, result.stderr
+
+    metrics = json.loads((tmp_path / "reports" / "reference" / "metrics.json").read_text())
+    truth = {video: labels[video] for video in ("video_a", "video_b")}
+    plain = evaluate_predictions(truth, num_classes=4, background_ids=[0], probabilities=probabilities).metrics()
+    emitted = {video: suppress_burrs_by_window(values.argmax(1), 32, 3) for video, values in probabilities.items()}
+    suppressed = evaluate_predictions(truth, emitted, num_classes=4, background_ids=[0],
+                                      probabilities=probabilities).metrics()
+    assert metrics["burr_frames"] == 3
+    for key in ("acc", "edit", "f1_10", "f1_25", "f1_50"):
+        assert metrics[key] == pytest.approx(suppressed[key], abs=0.005)
+        assert metrics["argmax"][key] == pytest.approx(plain[key], abs=0.005)
+    assert metrics["map_50"] == pytest.approx(plain["map_50"], abs=0.005), "localization: from the probabilities"
+    assert metrics["edit"] > metrics["argmax"]["edit"] + 10 and metrics["f1_50"] > metrics["argmax"]["f1_50"]
+    table = summary_markdown({"reference": metrics}).splitlines()
+    assert [row.split(" | ")[0] for row in table[2:]] == ["| reference", "| reference (argmax)"]
+    assert table[3].split(" | ")[5] == f"{metrics['argmax']['f1_50']:.1f}"
+
+    # a two-stage model (no window in model.json) is scored on its argmax, whatever the param says
+    write_model_predictions(tmp_path / "data" / "predictions" / "reference", probabilities)
+    assert evaluate_stage(tmp_path, burr_frames=3).returncode == 0
+    metrics = json.loads((tmp_path / "reports" / "reference" / "metrics.json").read_text())
+    assert "argmax" not in metrics and metrics["f1_50"] == pytest.approx(plain["f1_50"], abs=0.005)
+
+
+@pytest.mark.parametrize("burr_frames", [-1, 2.5, "7", True])
+def test_evaluate_stage_rejects_a_bad_burr_param(tmp_path, burr_frames):
+    labels = burr_labels()
+    write_labels_dir(tmp_path / "data" / "labels", labels)
+    write_model_predictions(tmp_path / "data" / "predictions" / "reference",
+                            {video: flickering(labels[video], 0) for video in ("video_a", "video_b")}, window=32)
+    result = evaluate_stage(tmp_path, burr_frames=burr_frames)
+    assert result.returncode != 0 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: params.yaml: streaming.postprocess: burr_frames must be an integer")
+    assert not (tmp_path / "reports" / "reference").exists()
 
 
 def test_evaluate_stage_bad_probabilities_fail_without_output(tmp_path):

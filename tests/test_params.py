@@ -82,7 +82,10 @@ def test_stage_params_give_exactly_what_dvc_yaml_declares(monkeypatch):
                         "dataset": {"sample_rate": params["dataset"]["sample_rate"]}, "asrf": params["asrf"]}
     assert stage_params("convert_labels")["dataset"].keys() == {"name", "split", "fps", "background"}
     monkeypatch.setenv("DVC_STAGE", "evaluate@etesvs")  # under DVC, the stage DVC runs wins
-    assert stage_params("train_streaming") == {"window": params["window"]}
+    assert stage_params("train_streaming") == {"window": params["window"],
+                                               "streaming": {"postprocess": params["streaming"]["postprocess"]}}
+    monkeypatch.setenv("DVC_STAGE", "train_streaming")  # training declares every streaming sub-section but this one
+    assert stage_params("x")["streaming"] == {k: v for k, v in params["streaming"].items() if k != "postprocess"}
 
 
 @pytest.mark.parametrize("stage, message", [

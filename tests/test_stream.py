@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -92,6 +93,48 @@ def test_stream_a_real_video(tmp_path, shared_data):
     assert (tmp_path / "out" / "segments.png").read_bytes()[:4] == b"\x89PNG"
     assert len((tmp_path / "out" / "segments.jsonl").read_text().splitlines()) == len(segments)
     assert all(1.0 / len(CLASSES) <= segment["confidence"] <= 1.0 for segment in segments)
+
+
+def test_stream_emits_the_burr_suppressed_labels_the_evaluation_scores(tmp_path, shared_data):
+    """The stream removes burrs window by window as stage evaluate does to the saved predictions, with no delay."""
+    from etesvs.postprocess import suppress_burrs_by_window
+    from etesvs.stream import default_burr_frames, stream_labels
+
+    video = shared_data / "videos" / "mmaction2-demo.mp4"
+    class Hopping(torch.nn.Module):
+        """Hops between the classes from frame to frame as the picture changes (a trained model's transitions)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = torch.nn.Parameter(torch.tensor(60.0))
+
+        def forward(self, frames, mask, state=None, reset=None):
+            brightness = frames.mean(dim=(2, 3, 4))  # (1, T)
+            phases = torch.arange(len(CLASSES), dtype=torch.float32)[None, :, None] * 2.1
+            return {"head_logits": torch.sin(self.scale * brightness[:, None, :] + phases)}, state
+
+    model = dataclasses.replace(load_stream_model(make_checkpoint(tmp_path / "model.pt", sample_rate=1)),
+                                model=Hopping())
+    plain = list(stream_labels(model, video, fps=30))
+    raw = np.concatenate([item.labels for item in plain])
+    for burr in (2, 5):
+        items = list(stream_labels(model, video, fps=30, burr_frames=burr))
+        assert [(item.start, len(item.labels)) for item in items] == [(item.start, len(item.labels)) for item in plain]
+        labels = np.concatenate([item.labels for item in items])
+        np.testing.assert_array_equal(labels, suppress_burrs_by_window(raw, model.window, burr))
+        for item, before in zip(items, plain):
+            same = item.labels == before.labels
+            np.testing.assert_allclose(item.confidence[same], before.confidence[same])
+            assert (item.confidence[~same] <= before.confidence[~same] + 1e-6).all(), "the argmax was the most likely"
+    assert (labels != raw).any(), "this random model flickers: a test that could not fail otherwise"
+
+    assert default_burr_frames(tmp_path / "none.yaml") == 0
+    (tmp_path / "params.yaml").write_text("streaming:\n  postprocess:\n    burr_frames: 4\n")
+    assert default_burr_frames(tmp_path / "params.yaml") == 4
+    (tmp_path / "params.yaml").write_text("streaming:\n  postprocess:\n    burr_frames: -4\n")
+    with pytest.raises(EtesvsError, match="params.yaml: streaming.postprocess: burr_frames must be an integer >= 0"):
+        default_burr_frames(tmp_path / "params.yaml")
+    assert default_burr_frames(ROOT / "params.yaml") == 7
 
 
 def run_frames(video, fps, size):
