@@ -13,6 +13,7 @@ stream emits them, after the burr suppression of param ``streaming.postprocess``
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import h5py
@@ -45,19 +46,27 @@ def main() -> None:
         handle = h5py.File(probabilities_file, "r")
     except (FileNotFoundError, OSError) as error:
         raise EtesvsError(f"{probabilities_file}: cannot open as HDF5 ({error.__class__.__name__})") from None
-    scoring = dict(num_classes=info.num_classes, background_ids=info.background_ids, probabilities=handle,
-                   probabilities_source=str(probabilities_file))
     streamed = "window" in model_info and burr_frames > 0
     if streamed and (isinstance(model_info["window"], bool) or not isinstance(model_info["window"], int)
                      or model_info["window"] < 1):
         raise EtesvsError(f"{args.predictions / 'model.json'}: window must be a positive integer, "
                           f"got {model_info['window']!r}")
     with handle:
-        result = argmax = evaluate_predictions(ground_truth, **scoring)
-        if streamed:
-            emitted = {video: suppress_burrs_by_window(labels, model_info["window"], burr_frames)
-                       for video, labels in argmax.predictions.items()}
-            result = evaluate_predictions(ground_truth, emitted, **scoring)
+        result = argmax = evaluate_predictions(
+            ground_truth,
+            num_classes=info.num_classes,
+            background_ids=info.background_ids,
+            probabilities=handle,
+            probabilities_source=str(probabilities_file),
+        )
+    if streamed:  # the emitted labels: their own segmentation scores, the localization of the same probabilities
+        emitted = {video: suppress_burrs_by_window(labels, model_info["window"], burr_frames)
+                   for video, labels in argmax.predictions.items()}
+        result = dataclasses.replace(
+            evaluate_predictions(ground_truth, emitted, num_classes=info.num_classes,
+                                 background_ids=info.background_ids),
+            localization=argmax.localization,
+        )
 
     metrics = dvc_metrics(result.metrics(), model_info)
     if streamed:
