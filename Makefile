@@ -4,6 +4,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
+# Every stage is a new Python process that imports torch: 9 s when its modules are compiled anew, 4 s from cached
+# bytecode. So Python writes its bytecode caches (__pycache__/, ignored by git and by .dvcignore) even where the
+# environment says not to (PYTHONDONTWRITEBYTECODE, set on some CI machines).
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: repro results crossval test test-all params benchmarks clean-venv
 
 $(STAMP): requirements.txt pyproject.toml
