@@ -52,7 +52,7 @@ from etesvs.distributed import DistInfo
 from etesvs.errors import EtesvsError
 from etesvs.io import atomic_path, check_output_file
 from etesvs.models.i3d import InceptionI3d, file_sha256
-from etesvs.models.streaming import run_backbone
+from etesvs.models.streaming import run_backbone, use_small_map_depthwise
 from etesvs.checkpoints import load_checkpoint, unwrap_model
 from etesvs.training import RunPaths, autocast, file_identity, fit, resolve_amp, run_fingerprint
 
@@ -203,6 +203,7 @@ class MobileNetPretrainer(nn.Module):
         self.motion_head = nn.Linear(self.mobilenet.last_channel, motion_cells)
         # Channels-last, as run_backbone runs the frames (mobilenet_input's already are: clips are stored HWC).
         self.mobilenet.features.to(memory_format=torch.channels_last)
+        use_small_map_depthwise(self.mobilenet.features)
 
     def forward(self, frames: torch.Tensor) -> dict[str, torch.Tensor]:
         batch, length = frames.shape[:2]

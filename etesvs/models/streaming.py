@@ -110,6 +110,64 @@ def temporal_shift(
     return shifted.flatten(0, 1)  # (N, T, C, H, W) -> (N*T, C, H, W)
 
 
+# oneDNN differentiates a 3x3 depthwise convolution very slowly on feature maps of at most 2 x 2 pixels (the last
+# stage of a MobileNetV2 fed 48 x 48 frames, as in the demo): 15 ms per call on 256 frames, against under 1 ms for
+# 3 x 3 maps, so 17 % of a MobileNetV2 pretraining step. Such maps are computed as below in training on the CPU.
+SMALL_MAP_PIXELS = 4
+
+
+def small_map_depthwise(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A 3x3 depthwise convolution (stride 1, zero padding 1) of a small map, as a product per channel.
+
+    Each output pixel is a weighted sum of the input pixels within one pixel of it, so with P = H * W pixels the
+    convolution is a (P, P) matrix per channel, built from the 3x3 kernel. Equal to ``F.conv2d(x, weight, bias,
+    padding=1, groups=C)`` up to rounding, and quick to differentiate for small P (P * P products per pixel
+    instead of 9).
+
+    Args:
+        x: (N, C, H, W), any memory format; weight: (C, 1, 3, 3); bias: (C,) or None.
+
+    Returns:
+        (N, C, H, W), channels-last.
+    """
+    n, c, h, w = x.shape
+    pixel = torch.arange(h * w, device=x.device)
+    rows = (pixel // w)[None, :] - (pixel // w)[:, None] + 1  # (P out, P in): the tap's row in the kernel
+    cols = (pixel % w)[None, :] - (pixel % w)[:, None] + 1
+    inside = ((rows >= 0) & (rows <= 2) & (cols >= 0) & (cols <= 2)).to(weight.dtype)
+    taps = rows.clamp(0, 2) * 3 + cols.clamp(0, 2)
+    matrix = (weight.reshape(c, 9)[:, taps] * inside).permute(1, 2, 0)  # (C, P out, P in) -> (P out, P in, C)
+    pixels = x.permute(0, 2, 3, 1).reshape(n, 1, h * w, c)  # (N, C, H, W) -> (N, 1, P in, C)
+    out = (pixels * matrix).sum(dim=2)  # (N, P out, C)
+    if bias is not None:
+        out = out + bias
+    return out.view(n, h, w, c).permute(0, 3, 1, 2)  # (N, H, W, C) -> (N, C, H, W), channels-last
+
+
+class SmallMapDepthwiseConv2d(nn.Conv2d):
+    """A 3x3 depthwise ``nn.Conv2d`` (stride 1, padding 1) that in training on the CPU computes maps of at most
+    ``SMALL_MAP_PIXELS`` pixels with :func:`small_map_depthwise`; otherwise, and in eval mode (so also for FLOP
+    counts and inference), the convolution itself. Same parameters and state dict as the ``nn.Conv2d``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.device.type == "cpu" and x.shape[-2] * x.shape[-1] <= SMALL_MAP_PIXELS:
+            return small_map_depthwise(x, self.weight, self.bias)
+        return super().forward(x)
+
+
+def use_small_map_depthwise(module: nn.Module) -> int:
+    """Make every 3x3 depthwise convolution (stride 1, zero padding 1) in ``module`` a
+    :class:`SmallMapDepthwiseConv2d`, in place (parameters, state dict and hooks unchanged); returns how many."""
+    count = 0
+    for conv in module.modules():
+        if (type(conv) is nn.Conv2d and conv.groups == conv.in_channels == conv.out_channels > 1
+                and conv.kernel_size == (3, 3) and conv.stride == (1, 1) and conv.padding == (1, 1)
+                and conv.dilation == (1, 1) and conv.padding_mode == "zeros"):
+            conv.__class__ = SmallMapDepthwiseConv2d
+            count += 1
+    return count
+
+
 def run_backbone(
     backbone: nn.Sequential, frames: torch.Tensor, *, num_frames: int, shift_divisor: int, stem_shift: bool,
     valid: torch.Tensor | None = None, previous: torch.Tensor | None = None, last: torch.Tensor | None = None,
@@ -268,6 +326,7 @@ class StreamingSegmenter(nn.Module):
         # Channels-last (NHWC): oneDNN and cuDNN convolve it faster; on the demo's 2 cores a training epoch takes
         # 9% less (MobileNetV2's depthwise convolutions). State dicts are the same either way.
         self.backbone = mobilenet.features.to(memory_format=torch.channels_last)
+        use_small_map_depthwise(self.backbone)
         self.temporal_shift = temporal_shift
         self.shift_divisor = shift_divisor
         self.shift_across_windows = shift_across_windows
