@@ -19,9 +19,10 @@ $(STAMP): requirements.txt pyproject.toml
 	$(BIN)/python -m etesvs.plots  # .dvc/plots_page.html: `dvc plots show` draws offline
 	touch $(STAMP)
 
-# The whole pipeline on the embedded demo dataset (or the dataset params.yaml names).
+# The whole pipeline on the embedded demo dataset (or the dataset params.yaml names): `dvc repro`, stage by stage,
+# with stages side by side where they leave cores idle (etesvs/repro.py; the outputs are those of `dvc repro`).
 repro: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc repro
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m etesvs.repro
 
 # The models side by side and the experiments with only the columns that matter.
 results: $(STAMP)

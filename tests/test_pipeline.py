@@ -1,4 +1,5 @@
-"""End to end: `dvc repro` of the whole pipeline on a tiny generated dataset in a temporary git repository."""
+"""End to end: the whole pipeline on a tiny generated dataset in a temporary git repository, run as `make repro`
+runs it (etesvs.repro: `dvc repro` stage by stage, two side by side where they fit into 2 cores)."""
 
 from __future__ import annotations
 
@@ -46,8 +47,9 @@ def repo(tmp_path_factory) -> Path:
         result = run(command, repo)
         assert result.returncode == 0, result.stderr
     shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")
-    result = run(["dvc", "repro"], repo, timeout=1200)
+    result = run([sys.executable, "-m", "etesvs.repro", "--cores", "2"], repo, timeout=1200)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "train_temporal@mstcn (1)" in result.stderr and "summarize: done in" in result.stderr
     return repo
 
 
@@ -208,11 +210,14 @@ def test_an_absent_dataset_stops_the_pipeline_before_anything_is_removed(repo):
     try:
         compose([*OVERRIDES, "dataset=gtea"], out=repo / "params.yaml", root=repo)
         result = run(["dvc", "repro"], repo)
+        parallel = run([sys.executable, "-m", "etesvs.repro", "--cores", "2"], repo)
     finally:
         (repo / "params.yaml").write_text(params)
-    assert result.returncode != 0
+    assert result.returncode != 0 and parallel.returncode == 1
     expected = ("error: data/raw/gtea: dataset 'gtea' not found; put gtea there in the MS-TCN layout "
                 "data/raw/gtea/{Videos,groundTruth,splits,mapping.txt} (README: Real datasets)")
     assert expected in result.stderr.splitlines(), result.stderr[-2000:]
+    assert expected in parallel.stderr.splitlines(), parallel.stderr[-2000:]  # the failed stage's log, shown
+    assert "Error: stage check_dataset failed" in parallel.stderr
     assert {path: path.stat().st_mtime_ns for path in (repo / "data" / "labels").iterdir()} == before
     assert (repo / "reports" / "summary.md").is_file() and (repo / "data" / "frames").is_dir()

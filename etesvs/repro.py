@@ -1,0 +1,217 @@
+"""`dvc repro` with stages side by side where they leave cores idle (what `make repro` runs).
+
+DVC runs one stage at a time, but several of ours use fewer cores than a machine has: the temporal models train on
+one thread each (their ``train.num_threads``), so a plain `dvc repro` leaves the second core of a 2-core machine
+idle for minutes. This runs every stage as ``dvc --wait-for-lock repro --single-item STAGE``, as soon as the stages
+it depends on have finished and enough cores are free. DVC releases its repository lock while a stage's command
+runs and locks each stage's dependencies and outputs on its own, so these processes share the repository safely;
+the outputs, dvc.lock and the metrics are those of a plain `dvc repro`.
+
+A stage's cores are the ``num_threads`` found in the params sections it declares in dvc.yaml, capped at the cores
+available; a stage without one (or with 0, torch's default) takes them all. Stages start in dvc.yaml's order; a
+later stage starts first only when an earlier one waits for cores that a smaller one can use meanwhile. Each stage's
+output goes to ``logs/repro/STAGE.log``; the terminal shows one line per stage and the last line of each running
+one. After a failure no new stage starts, the running ones finish, and the exit status is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from etesvs.errors import EtesvsError
+
+LOG_DIR = Path("logs") / "repro"
+SKIPPED = re.compile(r"Stage '[^']+' didn't change, skipping")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline: its name (``train_temporal@mstcn``), the stages it depends on and its cores."""
+
+    name: str
+    upstream: tuple[str, ...]
+    cores: int
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, not the machine's count)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_in(value: Any) -> list[int]:
+    """Every ``num_threads`` value inside a params section (nested mappings searched)."""
+    if not isinstance(value, Mapping):
+        return []
+    found = [int(value["num_threads"])] if isinstance(value.get("num_threads"), int) else []
+    for key, child in value.items():
+        if key != "num_threads":
+            found += threads_in(child)
+    return found
+
+
+def stage_cores(sections: Mapping[str, Any], total: int) -> int:
+    """Cores a stage uses, from the params sections it declares: its largest ``num_threads`` (at most ``total``);
+    ``total`` when it declares none or 0 (torch's default: every core)."""
+    threads = [n for section in sections.values() for n in threads_in(section)]
+    if not threads or min(threads) <= 0:
+        return total
+    return min(max(threads), total)
+
+
+def pipeline(root: Path, total: int, targets: Sequence[str] = ()) -> list[Stage]:
+    """The stages of ``root``'s dvc.yaml in its order (those ``targets`` need, when given), with their cores."""
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        graph = repo.index.graph  # an edge runs from a stage to a stage it depends on
+        order = list(graph.nodes)
+        names = {stage: stage.addressing for stage in order}
+        if targets:
+            unknown = sorted(set(targets) - set(names.values()))
+            if unknown:
+                raise EtesvsError(f"{root / 'dvc.yaml'}: no stage named {', '.join(unknown)}")
+            wanted = {stage for stage in order if names[stage] in targets}
+            for stage in list(wanted):
+                wanted |= _ancestors(graph, stage)
+            order = [stage for stage in order if stage in wanted]
+        stages = []
+        for stage in order:
+            sections: dict[str, Any] = {}
+            for dep in stage.deps:
+                if isinstance(dep, ParamsDependency):
+                    sections.update(dep.read_params(flatten=False))
+            upstream = tuple(sorted(names[up] for up in graph.successors(stage) if up in order))
+            stages.append(Stage(names[stage], upstream, stage_cores(sections, total)))
+    return stages
+
+
+def _ancestors(graph: Any, stage: Any) -> set:
+    seen, todo = set(), [stage]
+    while todo:
+        for up in graph.successors(todo.pop()):
+            if up not in seen:
+                seen.add(up)
+                todo.append(up)
+    return seen
+
+
+def next_stages(stages: Sequence[Stage], done: set[str], started: set[str], free: int) -> list[Stage]:
+    """The stages to start now: in pipeline order, each whose upstream stages are ``done`` and whose cores fit into
+    what is ``free`` after the ones chosen before it (a smaller later stage may fill cores an earlier one waits for)."""
+    chosen = []
+    for stage in stages:
+        if stage.name in started or not set(stage.upstream) <= done:
+            continue
+        if stage.cores <= free:
+            chosen.append(stage)
+            free -= stage.cores
+    return chosen
+
+
+@dataclass
+class Running:
+    stage: Stage
+    process: subprocess.Popen
+    log: Path
+    start: float
+
+
+def last_line(log: Path, size: int = 400) -> str:
+    """The last non-empty line of a log, progress bars included (their updates end with a carriage return)."""
+    try:
+        with open(log, "rb") as handle:
+            handle.seek(max(0, log.stat().st_size - size))
+            tail = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    lines = [line.strip() for line in re.split(r"[\r\n]+", tail) if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def reproduce(root: Path, stages: Sequence[Stage], total: int, *, dvc: Sequence[str], poll: float = 0.5,
+              out=sys.stderr) -> list[str]:
+    """Run ``stages`` with at most ``total`` cores busy; returns the names of the stages that failed."""
+    from tqdm import tqdm
+
+    log_dir = root / LOG_DIR
+    log_dir.mkdir(parents=True, exist_ok=True)
+    done: set[str] = set()
+    started: set[str] = set()
+    failed: list[str] = []
+    running: list[Running] = []
+    bar = tqdm(total=len(stages), desc="stages", unit="stage", file=out, dynamic_ncols=True)
+    try:
+        while True:
+            if not failed:
+                free = total - sum(job.stage.cores for job in running)
+                for stage in next_stages(stages, done, started, free):
+                    log = log_dir / f"{stage.name}.log"
+                    with open(log, "wb") as handle:  # the child keeps its own copy of the descriptor
+                        process = subprocess.Popen([*dvc, "--wait-for-lock", "repro", "--single-item", stage.name],
+                                                   cwd=root, stdout=handle, stderr=subprocess.STDOUT)
+                    running.append(Running(stage, process, log, time.monotonic()))
+                    started.add(stage.name)
+            if not running:
+                break
+            time.sleep(poll)
+            for job in list(running):
+                code = job.process.poll()
+                if code is None:
+                    continue
+                running.remove(job)
+                seconds = time.monotonic() - job.start
+                if code != 0:
+                    failed.append(job.stage.name)
+                    tail = "\n".join(job.log.read_text(errors="replace").replace("\r", "\n").splitlines()[-25:])
+                    bar.write(f"{job.stage.name}: failed after {seconds:.0f} s (exit {code}); its log, "
+                              f"{job.log.relative_to(root)}, ends with:\n{tail}", file=out)
+                    continue
+                done.add(job.stage.name)
+                skipped = bool(SKIPPED.search(job.log.read_text(errors="replace")))
+                bar.write(f"{job.stage.name}: {'unchanged' if skipped else f'done in {seconds:.0f} s'}", file=out)
+                bar.update()
+            bar.set_postfix_str(" | ".join(f"{job.stage.name}: {last_line(job.log)[-60:]}" for job in running))
+    except KeyboardInterrupt:
+        for job in running:  # the terminal's Ctrl-C reached them too; let DVC finish its cleanup
+            job.process.wait()
+        raise
+    finally:
+        bar.close()
+    return failed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("targets", nargs="*", help="stages to reproduce with what they depend on (default: all)")
+    parser.add_argument("--cores", type=int, default=available_cores(),
+                        help="cores the stages may keep busy together (default: those this process may use)")
+    args = parser.parse_args(argv)
+    root = Path.cwd()
+    if args.cores < 1:
+        parser.error(f"--cores must be at least 1, got {args.cores}")
+    try:
+        stages = pipeline(root, args.cores, args.targets)
+    except EtesvsError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        sys.exit(1)
+    print(f"reproducing {len(stages)} stages on {args.cores} cores: "
+          + ", ".join(f"{s.name} ({s.cores})" for s in stages), file=sys.stderr)
+    failed = reproduce(root, stages, args.cores, dvc=[sys.executable, "-m", "dvc"])
+    if failed:
+        print(f"Error: stage {', '.join(failed)} failed (log in {LOG_DIR}/); no stage started after it",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
