@@ -8,10 +8,11 @@ runs and locks each stage's dependencies and outputs on its own, so these proces
 the outputs, dvc.lock and the metrics are those of a plain `dvc repro`.
 
 A stage's cores are the ``num_threads`` found in the params sections it declares in dvc.yaml, capped at the cores
-available; a stage without one (or with 0, torch's default) takes them all. Stages start in dvc.yaml's order; a
-later stage starts first only when an earlier one waits for cores that a smaller one can use meanwhile. Each stage's
-output goes to ``logs/repro/STAGE.log``; the terminal shows one line per stage and the last line of each running
-one. After a failure no new stage starts, the running ones finish, and the exit status is 1.
+available; a stage without one (or with 0, torch's default) takes them all. Of the stages ready to start, those
+that more stages wait for go first (ties in dvc.yaml's order); a later one starts first only when an earlier one
+waits for cores that a smaller one can use meanwhile. Each stage's output goes to ``logs/repro/STAGE.log``; the
+terminal shows one line per stage and the last line of each running one. After a failure no new stage starts, the
+running ones finish, and the exit status is 1.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def stage_cores(sections: Mapping[str, Any], total: int) -> int:
 
 
 def pipeline(root: Path, total: int, targets: Sequence[str] = ()) -> list[Stage]:
-    """The stages of ``root``'s dvc.yaml in its order (those ``targets`` need, when given), with their cores."""
+    """The stages of ``root``'s dvc.yaml (those ``targets`` need, when given) with their cores, in the order to
+    start them (:func:`by_priority`)."""
     from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
@@ -91,7 +93,36 @@ def pipeline(root: Path, total: int, targets: Sequence[str] = ()) -> list[Stage]
                     sections.update(dep.read_params(flatten=False))
             upstream = tuple(sorted(names[up] for up in graph.successors(stage) if up in order))
             stages.append(Stage(names[stage], upstream, stage_cores(sections, total)))
-    return stages
+    return by_priority(stages)
+
+
+def by_priority(stages: Sequence[Stage]) -> list[Stage]:
+    """``stages`` in the order to start them when several are ready: those that more stages wait for first (a stage
+    before everything after it), ties in the given order. So the stage that feature extraction needs runs before a
+    pretraining only the streaming model needs."""
+    downstream: dict[str, set[str]] = {stage.name: set() for stage in stages}
+    for stage in reversed(topological(stages)):
+        for up in stage.upstream:
+            downstream[up] |= {stage.name} | downstream[stage.name]
+    position = {stage.name: index for index, stage in enumerate(stages)}
+    return sorted(stages, key=lambda stage: (-len(downstream[stage.name]), position[stage.name]))
+
+
+def topological(stages: Sequence[Stage]) -> list[Stage]:
+    """``stages`` with each after the stages it depends on (dvc.yaml may list a stage before its upstream)."""
+    placed: set[str] = set()
+    ordered: list[Stage] = []
+    remaining = list(stages)
+    while remaining:
+        ready = [stage for stage in remaining if set(stage.upstream) <= placed]
+        if not ready:
+            raise EtesvsError("dvc.yaml: the stages depend on each other in a cycle: "
+                              + ", ".join(stage.name for stage in remaining))
+        for stage in ready:
+            ordered.append(stage)
+            placed.add(stage.name)
+            remaining.remove(stage)
+    return ordered
 
 
 def _ancestors(graph: Any, stage: Any) -> set:
@@ -105,7 +136,7 @@ def _ancestors(graph: Any, stage: Any) -> set:
 
 
 def next_stages(stages: Sequence[Stage], done: set[str], started: set[str], free: int) -> list[Stage]:
-    """The stages to start now: in pipeline order, each whose upstream stages are ``done`` and whose cores fit into
+    """The stages to start now: in the order given, each whose upstream stages are ``done`` and whose cores fit into
     what is ``free`` after the ones chosen before it (a smaller later stage may fill cores an earlier one waits for)."""
     chosen = []
     for stage in stages:

@@ -137,3 +137,24 @@ def test_main_names_an_unknown_stage(tmp_path, capsys, monkeypatch):
         main(["no_such_stage", "--cores", "2"])
     assert exit_info.value.code == 1
     assert "no stage named no_such_stage" in capsys.readouterr().err
+
+
+def test_stages_that_more_stages_wait_for_start_first():
+    from etesvs.repro import by_priority
+
+    stages = [Stage("corpus", (), 2), Stage("pretrain_small", ("corpus",), 1), Stage("pretrain_big", ("corpus",), 2),
+              Stage("features", ("pretrain_big",), 2), Stage("train_a", ("features",), 1),
+              Stage("train_b", ("features",), 1), Stage("stream", ("pretrain_small",), 2)]
+    order = [s.name for s in by_priority(stages)]
+    assert order == ["corpus", "pretrain_big", "features", "pretrain_small", "train_a", "train_b", "stream"]
+    # with features done, the small pretraining (one more stage waits for it) pairs with a temporal model
+    done = {"corpus", "pretrain_big", "features"}
+    assert [s.name for s in next_stages(by_priority(stages), done, set(done), 2)] == ["pretrain_small", "train_a"]
+
+
+def test_a_cycle_is_named():
+    from etesvs.errors import EtesvsError
+    from etesvs.repro import by_priority
+
+    with pytest.raises(EtesvsError, match="cycle: a, b"):
+        by_priority([Stage("a", ("b",), 1), Stage("b", ("a",), 1)])
