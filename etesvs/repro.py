@@ -8,7 +8,8 @@ runs and locks each stage's dependencies and outputs on its own, so these proces
 the outputs, dvc.lock and the metrics are those of a plain `dvc repro`.
 
 A stage's cores are the ``num_threads`` found in the params sections it declares in dvc.yaml, capped at the cores
-available; a stage without one (or with 0, torch's default) takes them all. Of the stages ready to start, those
+available (0, torch's default, takes them all); a stage without one takes the ``cores`` of its dvc.yaml ``meta``
+(which DVC ignores), or else every core. Of the stages ready to start, those
 that more stages wait for go first (ties in dvc.yaml's order); a later one starts first only when an earlier one
 waits for cores that a smaller one can use meanwhile. Each stage's output goes to ``logs/repro/STAGE.log``; the
 terminal shows one line per stage and the last line of each running one. After a failure no new stage starts, the
@@ -58,13 +59,16 @@ def threads_in(value: Any) -> list[int]:
     return found
 
 
-def stage_cores(sections: Mapping[str, Any], total: int) -> int:
-    """Cores a stage uses, from the params sections it declares: its largest ``num_threads`` (at most ``total``);
-    ``total`` when it declares none or 0 (torch's default: every core)."""
+def stage_cores(sections: Mapping[str, Any], total: int, meta: Any = None) -> int:
+    """Cores a stage uses, at most ``total``: the largest ``num_threads`` of the params sections it declares (0 is
+    torch's default: every core); without one, the ``cores`` of its dvc.yaml ``meta`` (a stage that runs on one
+    thread whatever the params, such as numpy's evaluation); else every core."""
     threads = [n for section in sections.values() for n in threads_in(section)]
-    if not threads or min(threads) <= 0:
-        return total
-    return min(max(threads), total)
+    if threads:
+        return total if min(threads) <= 0 else min(max(threads), total)
+    if isinstance(meta, Mapping) and isinstance(meta.get("cores"), int) and meta["cores"] > 0:
+        return min(meta["cores"], total)
+    return total
 
 
 def pipeline(root: Path, total: int, targets: Sequence[str] = ()) -> list[Stage]:
@@ -92,7 +96,7 @@ def pipeline(root: Path, total: int, targets: Sequence[str] = ()) -> list[Stage]
                 if isinstance(dep, ParamsDependency):
                     sections.update(dep.read_params(flatten=False))
             upstream = tuple(sorted(names[up] for up in graph.successors(stage) if up in order))
-            stages.append(Stage(names[stage], upstream, stage_cores(sections, total)))
+            stages.append(Stage(names[stage], upstream, stage_cores(sections, total, stage.meta)))
     return by_priority(stages)
 
 

@@ -19,6 +19,11 @@ def test_stage_cores_are_the_declared_threads_capped_and_all_without_them():
     assert stage_cores({"demo": {"num_videos": 40}}, total=4) == 4  # nothing declared: every core
     assert stage_cores({"x": {"train": {"num_threads": 0}}}, total=4) == 4  # torch's default: every core
     assert stage_cores({"a": {"num_threads": 1}, "b": {"inner": {"num_threads": 3}}}, total=4) == 3
+    # without num_threads, dvc.yaml's meta may say how many cores the stage's own code uses
+    assert stage_cores({"window": 64}, total=2, meta={"cores": 1}) == 1
+    assert stage_cores({"window": 64}, total=2, meta={"cores": 4}) == 2
+    assert stage_cores({"x": {"num_threads": 2}}, total=2, meta={"cores": 1}) == 2  # the params decide
+    assert stage_cores({}, total=2, meta={"other": "note"}) == 2
 
 
 def test_next_stages_follow_dependencies_and_fill_idle_cores():
@@ -39,6 +44,7 @@ def test_the_project_pipeline_runs_the_temporal_models_two_at_a_time():
     assert {name: stages[f"train_temporal@{name}"].cores for name in ("mstcn", "asrf", "asformer")} == {
         "mstcn": 1, "asrf": 1, "asformer": 1}
     assert stages["pretrain@i3d"].cores == stages["train_streaming"].cores == stages["make_demo_data"].cores == 2
+    assert stages["evaluate@mstcn"].cores == stages["evaluate@etesvs"].cores == 1  # dvc.yaml meta
     assert set(stages["extract_features"].upstream) == {"extract_frames", "convert_labels", "pretrain@i3d"}
     assert "train_temporal@mstcn" in stages["evaluate@mstcn"].upstream
     names = list(stages)
