@@ -239,9 +239,15 @@ def main(argv: list[str] | None = None) -> None:
     except EtesvsError as error:
         print(f"Error: {error}", file=sys.stderr)
         sys.exit(1)
+    dvc = [sys.executable, "-m", "dvc"]
+    # Nothing changed: one `dvc status` (a second or two) instead of a DVC process per stage.
+    status = [*dvc, "status", "--quiet", *([*args.targets, "--with-deps"] if args.targets else [])]
+    if subprocess.run(status, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0:
+        print("Data and pipelines are up to date.", file=sys.stderr)
+        return
     print(f"reproducing {len(stages)} stages on {args.cores} cores: "
           + ", ".join(f"{s.name} ({s.cores})" for s in stages), file=sys.stderr)
-    failed = reproduce(root, stages, args.cores, dvc=[sys.executable, "-m", "dvc"])
+    failed = reproduce(root, stages, args.cores, dvc=dvc)
     if failed:
         print(f"Error: stage {', '.join(failed)} failed (log in {LOG_DIR}/); no stage started after it",
               file=sys.stderr)

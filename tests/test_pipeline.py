@@ -88,6 +88,9 @@ def test_raw_labels_and_frames_agree(repo):
 def test_repro_again_is_a_no_op(repo):
     result = run(["dvc", "status"], repo)
     assert result.returncode == 0 and "up to date" in result.stdout, result.stdout
+    again = run([sys.executable, "-m", "etesvs.repro", "--cores", "2"], repo)
+    assert again.returncode == 0 and "Data and pipelines are up to date." in again.stderr, again.stderr[-2000:]
+    assert "reproducing" not in again.stderr
 
 
 def test_features_predictions_and_reports(repo):
