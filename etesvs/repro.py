@@ -52,7 +52,7 @@ def threads_in(value: Any) -> list[int]:
     """Every ``num_threads`` value inside a params section (nested mappings searched)."""
     if not isinstance(value, Mapping):
         return []
-    found = [int(value["num_threads"])] if isinstance(value.get("num_threads"), int) else []
+    found = [value["num_threads"]] if isinstance(value.get("num_threads"), int) else []
     for key, child in value.items():
         if key != "num_threads":
             found += threads_in(child)
@@ -74,6 +74,7 @@ def stage_cores(sections: Mapping[str, Any], total: int, meta: Any = None) -> in
 def pipeline(root: Path, total: int, targets: Sequence[str] = ()) -> list[Stage]:
     """The stages of ``root``'s dvc.yaml (those ``targets`` need, when given) with their cores, in the order to
     start them (:func:`by_priority`)."""
+    import networkx  # DVC's pipeline graph is a networkx DiGraph
     from dvc.dependency.param import ParamsDependency
     from dvc.repo import Repo
 
@@ -87,7 +88,7 @@ def pipeline(root: Path, total: int, targets: Sequence[str] = ()) -> list[Stage]
                 raise EtesvsError(f"{root / 'dvc.yaml'}: no stage named {', '.join(unknown)}")
             wanted = {stage for stage in order if names[stage] in targets}
             for stage in list(wanted):
-                wanted |= _ancestors(graph, stage)
+                wanted |= networkx.descendants(graph, stage)  # descendants along the edges: its upstream stages
             order = [stage for stage in order if stage in wanted]
         stages = []
         for stage in order:
@@ -127,16 +128,6 @@ def topological(stages: Sequence[Stage]) -> list[Stage]:
             placed.add(stage.name)
             remaining.remove(stage)
     return ordered
-
-
-def _ancestors(graph: Any, stage: Any) -> set:
-    seen, todo = set(), [stage]
-    while todo:
-        for up in graph.successors(todo.pop()):
-            if up not in seen:
-                seen.add(up)
-                todo.append(up)
-    return seen
 
 
 def next_stages(stages: Sequence[Stage], done: set[str], started: set[str], free: int) -> list[Stage]:
