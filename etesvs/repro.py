@@ -9,8 +9,9 @@ the outputs, dvc.lock and the metrics are those of a plain `dvc repro`.
 
 A stage's cores are the ``num_threads`` found in the params sections it declares in dvc.yaml, capped at the cores
 available (0, torch's default, takes them all); a stage without one takes the ``cores`` of its dvc.yaml ``meta``
-(which DVC ignores), or else every core. Of the stages ready to start, those
-that more stages wait for go first (ties in dvc.yaml's order); a later one starts first only when an earlier one
+(which DVC ignores), or else every core. Of the stages ready to start, those with a higher ``priority`` in their
+``meta`` go first (default 0: for a long stage that should not wait behind shorter ones ready at the same time),
+then those that more stages wait for (ties in dvc.yaml's order); a later one starts first only when an earlier one
 waits for cores that a smaller one can use meanwhile. Each stage's output goes to ``logs/repro/STAGE.log``; the
 terminal shows one line per stage and the last line of each running one. After a failure no new stage starts, the
 running ones finish, and the exit status is 1.
@@ -41,6 +42,7 @@ class Stage:
     name: str
     upstream: tuple[str, ...]
     cores: int
+    priority: int = 0
 
 
 def available_cores() -> int:
@@ -71,6 +73,15 @@ def stage_cores(sections: Mapping[str, Any], total: int, meta: Any = None) -> in
     return total
 
 
+def stage_priority(meta: Any) -> int:
+    """The ``priority`` of a stage's dvc.yaml ``meta`` (an integer; 0 without one)."""
+    if isinstance(meta, Mapping) and "priority" in meta:
+        if not isinstance(meta["priority"], int) or isinstance(meta["priority"], bool):
+            raise EtesvsError(f"dvc.yaml: meta priority must be an integer, got {meta['priority']!r}")
+        return meta["priority"]
+    return 0
+
+
 def pipeline(root: Path, total: int, targets: Sequence[str] = ()) -> list[Stage]:
     """The stages of ``root``'s dvc.yaml (those ``targets`` need, when given) with their cores, in the order to
     start them (:func:`by_priority`)."""
@@ -97,20 +108,22 @@ def pipeline(root: Path, total: int, targets: Sequence[str] = ()) -> list[Stage]
                 if isinstance(dep, ParamsDependency):
                     sections.update(dep.read_params(flatten=False))
             upstream = tuple(sorted(names[up] for up in graph.successors(stage) if up in order))
-            stages.append(Stage(names[stage], upstream, stage_cores(sections, total, stage.meta)))
+            stages.append(Stage(names[stage], upstream, stage_cores(sections, total, stage.meta),
+                                stage_priority(stage.meta)))
     return by_priority(stages)
 
 
 def by_priority(stages: Sequence[Stage]) -> list[Stage]:
-    """``stages`` in the order to start them when several are ready: those that more stages wait for first (a stage
-    before everything after it), ties in the given order. So the stage that feature extraction needs runs before a
-    pretraining only the streaming model needs."""
+    """``stages`` in the order to start them when several are ready: a higher ``priority`` first, then those that
+    more stages wait for (a stage before everything after it), ties in the given order. So the stage that feature
+    extraction needs runs before a pretraining only the streaming model needs, and the streaming model, marked with
+    priority 1, starts before the temporal models that are ready at the same time."""
     downstream: dict[str, set[str]] = {stage.name: set() for stage in stages}
     for stage in reversed(topological(stages)):
         for up in stage.upstream:
             downstream[up] |= {stage.name} | downstream[stage.name]
     position = {stage.name: index for index, stage in enumerate(stages)}
-    return sorted(stages, key=lambda stage: (-len(downstream[stage.name]), position[stage.name]))
+    return sorted(stages, key=lambda stage: (-stage.priority, -len(downstream[stage.name]), position[stage.name]))
 
 
 def topological(stages: Sequence[Stage]) -> list[Stage]:

@@ -43,7 +43,9 @@ def test_the_project_pipeline_runs_the_temporal_models_two_at_a_time():
     stages = {s.name: s for s in pipeline(ROOT, total=2)}
     assert {name: stages[f"train_temporal@{name}"].cores for name in ("mstcn", "asrf", "asformer")} == {
         "mstcn": 1, "asrf": 1, "asformer": 1}
-    assert stages["pretrain@i3d"].cores == stages["train_streaming"].cores == stages["make_demo_data"].cores == 2
+    assert stages["pretrain@i3d"].cores == stages["pretrain@mobilenet_v2"].cores == stages["make_demo_data"].cores == 2
+    assert stages["train_streaming"].cores == 1 and stages["train_streaming"].priority == 1  # beside the temporal models
+    assert {s.priority for name, s in stages.items() if name != "train_streaming"} == {0}
     assert stages["evaluate@mstcn"].cores == stages["evaluate@etesvs"].cores == 1  # dvc.yaml meta
     assert set(stages["extract_features"].upstream) == {"extract_frames", "convert_labels", "pretrain@i3d"}
     assert "train_temporal@mstcn" in stages["evaluate@mstcn"].upstream
@@ -156,6 +158,27 @@ def test_stages_that_more_stages_wait_for_start_first():
     # with features done, the small pretraining (one more stage waits for it) pairs with a temporal model
     done = {"corpus", "pretrain_big", "features"}
     assert [s.name for s in next_stages(by_priority(stages), done, set(done), 2)] == ["pretrain_small", "train_a"]
+
+
+def test_a_stage_with_priority_starts_before_the_others_ready_with_it():
+    from etesvs.errors import EtesvsError
+    from etesvs.repro import by_priority, stage_priority
+
+    assert stage_priority(None) == stage_priority({"cores": 1}) == 0
+    assert stage_priority({"priority": 2}) == 2
+    with pytest.raises(EtesvsError, match="priority must be an integer"):
+        stage_priority({"priority": "high"})
+    stages = [Stage("features", (), 2), Stage("pretrain", (), 2), Stage("a", ("features",), 1),
+              Stage("b", ("features",), 1), Stage("stream", ("pretrain",), 1, priority=1),
+              Stage("eval_a", ("a",), 1), Stage("eval_b", ("b",), 1)]
+    ordered = by_priority(stages)
+    assert [s.name for s in ordered][0] == "stream"
+    done = {"features", "pretrain"}
+    # the long one-core stage and one temporal model side by side, not the two temporal models
+    assert [s.name for s in next_stages(ordered, done, set(done), 2)] == ["stream", "a"]
+    # without the priority, the stages that more stages wait for (a and b) would go first
+    plain = by_priority([Stage(s.name, s.upstream, s.cores) for s in stages])
+    assert [s.name for s in next_stages(plain, done, set(done), 2)] == ["a", "b"]
 
 
 def test_a_cycle_is_named():
