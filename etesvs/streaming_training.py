@@ -39,6 +39,7 @@ from etesvs.params import call_with, check_section
 from etesvs.profiling import count_flops, count_parameters
 from etesvs.training import (
     segmentation_validation,
+    resume_settings,
     RunPaths,
     autocast,
     build_optimizer,
@@ -305,8 +306,10 @@ def train_streaming(
     one_epoch, predict_videos = _family_functions(model=model, optimizer=optimizer, scaler=scaler,
                                                   amp_dtype=amp_dtype, train_set=train_set, section=section,
                                                   seed=seed, generator=generator, dist=dist)
-    settings = {**section, "train": {k: v for k, v in train.items() if k not in ("epochs", "num_workers", "num_threads")}}
+    settings = {**section, "train": resume_settings(train)}
     inputs = file_identity([labels_dir / "labels.h5", *(frames_path(frames_dir, v) for v in info.train)])
+    if section["pretrained"] and Path(section["pretrained"]).is_file():  # new weights at the same path: a new run
+        inputs += file_identity([section["pretrained"]])
     config = {"settings": settings, "seed": seed, "window": window, "sample_rate": sample_rate, "inputs": inputs,
               "videos": [train_videos, val_videos], "world_size": dist.world_size}
     metadata = {"model_name": MODEL_NAME, "classes": list(info.classes), "background_ids": list(info.background_ids),

@@ -27,6 +27,7 @@ from etesvs.params import call_with
 from etesvs.profiling import count_flops, count_parameters
 from etesvs.training import (
     segmentation_validation,
+    resume_settings,
     RunPaths,
     autocast,
     file_identity,
@@ -232,7 +233,7 @@ def train_temporal(
         model=model, loss_fn=loss_fn, optimizer=optimizer, scaler=scaler, amp_dtype=amp_dtype, train_set=train_set,
         train=train, seed=seed, generator=generator, dist=dist)
     config = {"model": name, "model_args": model_args, "loss": section["loss"], "seed": seed,
-              "train": {k: v for k, v in train.items() if k not in ("epochs", "num_workers", "num_threads")},
+              "train": resume_settings(train),
               "sample_rate": sample_rate, "videos": [train_videos, val_videos], "world_size": dist.world_size,
               "inputs": file_identity([features_file, labels_dir / "labels.h5"])}
     validate = segmentation_validation(

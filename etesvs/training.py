@@ -119,6 +119,11 @@ def build_optimizer(parameters: Iterable[torch.nn.Parameter], train: dict[str, A
     return OPTIMIZERS[name](parameters, **options)
 
 
+SCHEDULER_KEYS = {"none": (), "plateau": ("plateau_factor", "plateau_patience"), "multistep": ("milestones", "gamma"),
+                  "cosine": ("warmup_epochs", "epochs")}
+"""The ``train`` keys each learning-rate schedule reads."""
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, train: dict[str, Any], *, where: str) -> Any:
     """The learning-rate schedule of a ``train`` section, stepped once per epoch by :func:`fit`.
 
@@ -129,8 +134,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: dict[str, Any], *, 
     ``warmup_epochs`` then decays along a cosine (:func:`cosine_factor`), for every parameter group alike.
     """
     name = train["scheduler"]
-    needs = {"none": (), "plateau": ("plateau_factor", "plateau_patience"), "multistep": ("milestones", "gamma"),
-             "cosine": ("warmup_epochs", "epochs")}
+    needs = SCHEDULER_KEYS
     if name not in needs:
         raise EtesvsError(f"{where}.scheduler: expected {', '.join(needs)}, got {name!r}")
     missing = [key for key in needs[name] if key not in train]
@@ -217,6 +221,16 @@ def file_identity(paths: Iterable[str | os.PathLike]) -> list[list[Any]]:
         stat = Path(path).stat()
         identity.append([str(path), stat.st_size, stat.st_mtime_ns])
     return identity
+
+
+def resume_settings(train: dict[str, Any]) -> dict[str, Any]:
+    """The part of a ``train`` section that identifies a run (for :func:`run_fingerprint`): all of it but the data
+    loader's worker count (the batches are the same for any number) and, when the learning-rate schedule does not
+    read it, ``epochs``: a run asked for more epochs then resumes where a shorter one ended and equals a run trained
+    that long from the start (every epoch is seeded on its own). A cosine schedule reads ``epochs``, so a run with
+    other epochs starts afresh; and :func:`fit` never resumes a run that has trained more epochs than asked."""
+    omit = {"num_workers"} | ({"epochs"} if "epochs" not in SCHEDULER_KEYS.get(train.get("scheduler"), ()) else set())
+    return {key: value for key, value in train.items() if key not in omit}
 
 
 def run_fingerprint(config: dict[str, Any]) -> str:
@@ -319,12 +333,13 @@ class RunResult:
 
 
 def _resume(last_path: Path, best_path: Path, fingerprint: str, *, model: nn.Module, optimizer: Any,
-            scheduler: Any, scaler: Any, device: torch.device) -> dict[str, Any] | None:
-    """The state of ``last.pt`` loaded into the objects, or None when it is absent or belongs to another run."""
+            scheduler: Any, scaler: Any, device: torch.device, epochs: int) -> dict[str, Any] | None:
+    """The state of ``last.pt`` loaded into the objects, or None when it is absent or belongs to another run (another
+    fingerprint, or more epochs than the ``epochs`` of this one)."""
     if not last_path.is_file():
         return None
     state = load_checkpoint(last_path, map_location=device)
-    if state.get("fingerprint") != fingerprint or not best_path.is_file():
+    if state.get("fingerprint") != fingerprint or not best_path.is_file() or int(state["epoch"]) > epochs:
         return None
     unwrap_model(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -374,17 +389,18 @@ def _tensorboard(name: str, paths: RunPaths, start_epoch: int) -> Any:
 
 
 def _start(name: str, paths: RunPaths, fingerprint: str, *, model: nn.Module, optimizer: Any, scheduler: Any,
-           scaler: Any, dist: DistInfo, log: Callable[[str], None]) -> _Run:
-    """A fresh run, or the state of ``last.pt`` when it belongs to this run (see :func:`_resume`)."""
+           scaler: Any, dist: DistInfo, log: Callable[[str], None], epochs: int) -> _Run:
+    """A fresh run, or the state of ``last.pt`` when it belongs to this run (see :func:`_resume`) and has not trained
+    more than ``epochs`` epochs."""
     last_path, best_path = paths.checkpoints / "last.pt", paths.checkpoints / "best.pt"
     state = _resume(last_path, best_path, fingerprint, model=model, optimizer=optimizer, scheduler=scheduler,
-                    scaler=scaler, device=dist.device)
+                    scaler=scaler, device=dist.device, epochs=epochs)
     if state is not None:
         if dist.is_main:
             log(f"{name}: resuming from {last_path} after epoch {state['epoch']}")
         return _Run(history=list(state["history"]), best=dict(state["best"]), start_epoch=int(state["epoch"]) + 1)
     if last_path.is_file() and dist.is_main:
-        log(f"{name}: {last_path} belongs to other settings, inputs or code; training from scratch")
+        log(f"{name}: {last_path} belongs to other settings, inputs or code, or has more epochs; training from scratch")
     return _Run(history=[], best={"epoch": 0, "score": -math.inf}, start_epoch=1)
 
 
@@ -461,7 +477,7 @@ def fit(
         claim_run_outputs(name, paths, inputs=inputs)
     deterministic_algorithms()
     run = _start(name, paths, fingerprint, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                 dist=dist, log=log)
+                 dist=dist, log=log, epochs=epochs)
     writer = _tensorboard(name, paths, run.start_epoch) if dist.is_main else None
     try:
         for epoch in range(run.start_epoch, epochs + 1):

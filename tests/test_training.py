@@ -178,6 +178,27 @@ def test_a_checkpoint_of_another_run_is_not_resumed(tmp_path):
     assert result.resumed_from == 0 and "training from scratch" in messages[0]
 
 
+def test_a_run_with_more_epochs_than_asked_is_not_resumed(tmp_path):
+    _fit(tmp_path, 3)
+    messages: list[str] = []
+    _, result = _fit(tmp_path, 2, messages=messages)  # the same fingerprint, fewer epochs: trained afresh
+    assert result.resumed_from == 0 and "training from scratch" in messages[0]
+    assert [row["epoch"] for row in result.history] == [1, 2]
+
+
+def test_epochs_identify_a_run_only_where_the_schedule_reads_them():
+    from etesvs.training import resume_settings
+
+    cosine = {"scheduler": "cosine", "warmup_epochs": 1, "epochs": 24, "num_workers": 2, "num_threads": 1}
+    assert resume_settings(cosine) == {"scheduler": "cosine", "warmup_epochs": 1, "epochs": 24, "num_threads": 1}
+    constant = {"scheduler": "none", "epochs": 30, "num_threads": 1, "num_workers": 0}
+    assert resume_settings(constant) == {"scheduler": "none", "num_threads": 1}  # more epochs: resumes
+    assert run_fingerprint({"train": resume_settings(cosine)}) != run_fingerprint(
+        {"train": resume_settings(dict(cosine, epochs=20))})
+    assert run_fingerprint({"train": resume_settings(cosine)}) == run_fingerprint(
+        {"train": resume_settings(dict(cosine, num_workers=4))})
+
+
 def test_optimiser_and_schedule_come_from_the_train_section():
     from etesvs.training import build_optimizer, build_scheduler
 
