@@ -54,7 +54,7 @@ from etesvs.io import atomic_path, check_output_file
 from etesvs.models.i3d import InceptionI3d, file_sha256
 from etesvs.models.streaming import run_backbone, use_small_map_depthwise
 from etesvs.checkpoints import load_checkpoint, unwrap_model
-from etesvs.training import RunPaths, autocast, file_identity, fit, resolve_amp, run_fingerprint
+from etesvs.training import RunPaths, autocast, file_identity, fit, resolve_amp, resume_settings, run_fingerprint
 
 BACKBONES = ("i3d", "mobilenet_v2")
 
@@ -506,7 +506,7 @@ def pretrain_backbone(
     one_epoch = _epoch_function(model, optimizer, data, to_input=to_input, train=train, seed=seed, device=device,
                                 amp_dtype=amp_dtype, scaler=scaler)  # fmt: skip
     validate = _validation_function(data, to_input=to_input, train=train, seed=seed, device=device)
-    settings = {key: value for key, value in train.items() if key != "num_threads"}
+    settings = resume_settings(train)
     fingerprint = run_fingerprint({"backbone": backbone, "model": section["model"], "train": settings, "seed": seed,
                                    "corpus": file_identity([corpus_path])})  # fmt: skip
     name = f"pretrain_{backbone}"

@@ -134,10 +134,9 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: dict[str, Any], *, 
     ``warmup_epochs`` then decays along a cosine (:func:`cosine_factor`), for every parameter group alike.
     """
     name = train["scheduler"]
-    needs = SCHEDULER_KEYS
-    if name not in needs:
-        raise EtesvsError(f"{where}.scheduler: expected {', '.join(needs)}, got {name!r}")
-    missing = [key for key in needs[name] if key not in train]
+    if name not in SCHEDULER_KEYS:
+        raise EtesvsError(f"{where}.scheduler: expected {', '.join(SCHEDULER_KEYS)}, got {name!r}")
+    missing = [key for key in SCHEDULER_KEYS[name] if key not in train]
     if missing:
         raise EtesvsError(f"{where}: scheduler {name} needs {' and '.join(missing)}")
     if name == "plateau":
@@ -225,11 +224,13 @@ def file_identity(paths: Iterable[str | os.PathLike]) -> list[list[Any]]:
 
 def resume_settings(train: dict[str, Any]) -> dict[str, Any]:
     """The part of a ``train`` section that identifies a run (for :func:`run_fingerprint`): all of it but the data
-    loader's worker count (the batches are the same for any number) and, when the learning-rate schedule does not
-    read it, ``epochs``: a run asked for more epochs then resumes where a shorter one ended and equals a run trained
-    that long from the start (every epoch is seeded on its own). A cosine schedule reads ``epochs``, so a run with
-    other epochs starts afresh; and :func:`fit` never resumes a run that has trained more epochs than asked."""
-    omit = {"num_workers"} | ({"epochs"} if "epochs" not in SCHEDULER_KEYS.get(train.get("scheduler"), ()) else set())
+    loader's worker count (the batches are the same for any number) and, when its ``scheduler`` is one of
+    :data:`SCHEDULER_KEYS` that does not read it, ``epochs``: a run asked for more epochs then resumes where a
+    shorter one ended and equals a run trained that long from the start (every epoch is seeded on its own). A cosine
+    schedule, or any other that reads ``epochs`` (the pretraining's one-cycle), makes a run with other epochs start
+    afresh; and :func:`fit` never resumes a run that has trained more epochs than asked."""
+    schedule = SCHEDULER_KEYS.get(train.get("scheduler"), ("epochs",))  # unknown: assume it reads them
+    omit = {"num_workers"} | ({"epochs"} if "epochs" not in schedule else set())
     return {key: value for key, value in train.items() if key not in omit}
 
 

@@ -193,6 +193,8 @@ def test_epochs_identify_a_run_only_where_the_schedule_reads_them():
     assert resume_settings(cosine) == {"scheduler": "cosine", "warmup_epochs": 1, "epochs": 24, "num_threads": 1}
     constant = {"scheduler": "none", "epochs": 30, "num_threads": 1, "num_workers": 0}
     assert resume_settings(constant) == {"scheduler": "none", "num_threads": 1}  # more epochs: resumes
+    one_cycle = {"epochs": 13, "warmup_fraction": 0.15, "num_threads": 2}  # the pretraining: no scheduler key
+    assert resume_settings(one_cycle) == one_cycle
     assert run_fingerprint({"train": resume_settings(cosine)}) != run_fingerprint(
         {"train": resume_settings(dict(cosine, epochs=20))})
     assert run_fingerprint({"train": resume_settings(cosine)}) == run_fingerprint(
